@@ -1,0 +1,103 @@
+"""Multi-head dilated self-attention, batch first: ``[B, N, E] -> [B, N, E]``."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dilated import dilated_attention
+from .kernels import BACKENDS
+from .pattern import DilationPattern
+from .position import Rotary
+
+
+def dense_attention(q, k, v, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """Ordinary softmax attention (torch SDPA) on ``[B, N, H, D]`` → ``[B, N, H, D]``."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """Self-attention with LongNet's dilated attention, usable in any model.
+
+    Args:
+        embed_dim: model width E (a multiple of ``num_heads``).
+        num_heads: heads H; head dim is ``E / H``.
+        segment_lengths, dilation_rates: the branches ``(w_i, r_i)``. ``segment_lengths=None``
+            gives dense attention (the Transformer baseline) through the same module.
+        causal: mask future positions (decoder language models).
+        dropout: dropout on the output projection (attention probabilities are not dropped:
+            the branches are merged from kernel outputs).
+        bias: biases in the projections.
+        sub_layernorm: MAGNETO's LayerNorm before the output projection.
+        position: ``"xpos"``, ``"rope"`` or ``None``, applied to q and k at absolute positions.
+        backend: dilated attention backend (see :func:`dilated_attention`).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths=None, dilation_rates=None,
+                 causal: bool = True, dropout: float = 0.0, bias: bool = True, sub_layernorm: bool = True,
+                 layer_norm_eps: float = 1e-5, position: str | None = None, rope_theta: float = 10000.0,
+                 xpos_scale_base: float = 512.0, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be a positive multiple of num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        if position not in (None, "xpos", "rope"):
+            raise ValueError(f"position={position!r} must be 'xpos', 'rope' or None")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+        self.pattern = None if segment_lengths is None else DilationPattern.of(segment_lengths, dilation_rates)
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.causal, self.backend = causal, backend
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.inner_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **kw) if sub_layernorm else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.dropout = nn.Dropout(dropout)
+        anchor = self.pattern.anchor_block if self.pattern is not None else None
+        self.rotary = None if position is None else Rotary(
+            self.head_dim, theta=rope_theta, xpos_scale_base=xpos_scale_base if position == "xpos" else None,
+            anchor_block=anchor,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self, gain: float = 1.0) -> None:
+        """Xavier init (q, k, v with gain 1/sqrt(2)); ``gain`` scales v and out (MAGNETO)."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(lin.weight, gain=1 / math.sqrt(2))
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        with torch.no_grad():
+            self.v_proj.weight.mul_(gain)
+            self.out_proj.weight.mul_(gain)
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """``x`` ``[B, N, E]`` (positions ``start_pos..``) → ``[B, N, E]``."""
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be [B, N, {self.embed_dim}], got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        shape = (b, n, self.num_heads, self.head_dim)
+        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, start=start_pos)
+        if self.pattern is None:
+            y = dense_attention(q, k, v, causal=self.causal)
+        else:
+            y = dilated_attention(q, k, v, self.pattern, causal=self.causal, backend=self.backend)
+        y = y.reshape(b, n, self.embed_dim)  # [B, N, E]
+        if self.inner_norm is not None:
+            y = self.inner_norm(y)
+        return self.dropout(self.out_proj(y))
+
+    def extra_repr(self) -> str:
+        kind = "dense" if self.pattern is None else str(self.pattern)
+        return f"heads={self.num_heads}, {kind}, causal={self.causal}"

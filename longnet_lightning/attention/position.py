@@ -1,0 +1,73 @@
+"""Relative positions applied to ``q`` and ``k`` at their absolute positions: RoPE and XPOS.
+
+XPOS (Sun et al., 2022) is RoPE times a per-dimension decay: ``q_n`` is scaled by
+``zeta^(n/B)`` and ``k_m`` by ``zeta^(-m/B)``, so ``q_n . k_m`` carries ``zeta^((n-m)/B)``. Only
+the difference matters, so exponents are taken relative to an anchor (the centre of the block
+that holds the position) to keep the factors inside float32's range. Every segment of every
+branch must lie inside one block (block = lcm of the segment lengths), which makes the result
+exactly XPOS for every query-key pair dilated attention computes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# |exponent| * |log zeta_min| must stay well inside float32's range (about 87).
+_XPOS_MAX_HALF_SPAN = 35_000
+
+
+class Rotary(nn.Module):
+    """RoPE (``xpos_scale_base=None``) or XPOS on ``q, k`` ``[B, N, H, D]``.
+
+    ``anchor_block``: XPOS decay exponents are relative to the centre of the block of that many
+    positions holding each position; ``None`` uses one block, the whole sequence.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, xpos_scale_base: float | None = None,
+                 xpos_gamma: float = 0.4, anchor_block: int | None = None):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim}: rotary position encodings need an even head dim")
+        self.head_dim, self.theta, self.scale_base = head_dim, theta, xpos_scale_base
+        self.gamma, self.anchor_block = xpos_gamma, anchor_block
+
+    def _tables(self, n: int, start: int, device):
+        pos = torch.arange(start, start + n, device=device, dtype=torch.float64)
+        i = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
+        ang = pos[:, None] * self.theta ** (-i / self.head_dim)[None, :]  # [N, D/2], float64: exact at 1M
+        cos, sin = ang.cos().float(), ang.sin().float()
+        if self.scale_base is None:
+            return cos, sin, None
+        if self.anchor_block is None:
+            anchor = torch.full_like(pos, start + n // 2)
+        else:
+            anchor = torch.div(pos, self.anchor_block, rounding_mode="floor") * self.anchor_block + self.anchor_block // 2
+        span = (pos - anchor).abs().max().item() if n else 0
+        if span > _XPOS_MAX_HALF_SPAN:
+            raise ValueError(
+                f"XPOS over {n} positions with anchor_block={self.anchor_block}: decay factors leave "
+                f"float32's range beyond {2 * _XPOS_MAX_HALF_SPAN} positions in one block. Use "
+                "position='rope', or dilated attention (whose segments bound the block)."
+            )
+        zeta = (i / self.head_dim + self.gamma) / (1 + self.gamma)  # [D/2]
+        decay = zeta[None, :] ** ((pos - anchor)[:, None] / self.scale_base)  # [N, D/2]
+        return cos, sin, decay.float()
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        x1, x2 = x.float().chunk(2, dim=-1)  # halves, [B, N, H, D/2]
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0):
+        """``q, k`` ``[B, N, H, D]`` at positions ``start..start+N-1`` → rotated (and scaled)."""
+        cos, sin, decay = self._tables(q.shape[1], start, q.device)
+        qr, kr = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if decay is not None:
+            d = torch.cat((decay, decay), dim=-1)[None, :, None, :]
+            qr, kr = qr * d, kr / d
+        return qr.to(q.dtype), kr.to(k.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "rope" if self.scale_base is None else f"xpos(scale_base={self.scale_base}, anchor_block={self.anchor_block})"
+        return f"{kind}, head_dim={self.head_dim}"

@@ -1,0 +1,168 @@
+"""Every dilated-attention backend that runs here equals the dense reference of SPEC.md."""
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from longnet_lightning import DilatedAttention, DilationPattern, dilated_attention, dilated_attention_reference
+from longnet_lightning.attention.kernels import KERNELS
+from longnet_lightning.attention.reference import multiplicity
+
+CPU_BACKENDS = [n for n, k in KERNELS.items() if k.supports(torch.zeros(1, 1, 1, 8, dtype=torch.float64)) is None]
+TOL = 1e-10
+
+
+@st.composite
+def configs(draw):
+    m = draw(st.integers(1, 4))
+    ws = draw(st.lists(st.integers(1, 64), min_size=m, max_size=m))
+    rs = draw(st.lists(st.integers(1, 7), min_size=m, max_size=m))
+    if draw(st.booleans()):
+        rs[0] = 1  # most real patterns have a dense branch; also draw ones that do not
+    n = draw(st.one_of(st.integers(1, 300), st.sampled_from([1, 2, 3, 97, 127, 211, 293])))
+    return dict(
+        b=draw(st.integers(1, 3)), n=n, h=draw(st.integers(1, 7)), d=draw(st.sampled_from([1, 2, 5, 8])),
+        ws=ws, rs=rs, causal=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _inputs(b, n, h, d, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, h, d, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def _max_err(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs())
+def test_backend_matches_reference_outputs_and_grads(backend, cfg):
+    q, k, v = _inputs(cfg["b"], cfg["n"], cfg["h"], cfg["d"], cfg["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # patterns without r = 1 warn; they are drawn on purpose
+        ref = dilated_attention_reference(q, k, v, DilationPattern(cfg["ws"], cfg["rs"]), causal=cfg["causal"])
+        out = dilated_attention(q, k, v, cfg["ws"], cfg["rs"], causal=cfg["causal"], backend=backend)
+    grad = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, (q, k, v), grad)
+    g_out = torch.autograd.grad(out, (q, k, v), grad)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _max_err([out], [ref]) < TOL
+    assert _max_err(g_out, g_ref) < TOL
+
+
+def test_reference_matches_hand_computed_branch_mix():
+    """SPEC Eq. 10 by hand for N=4, one head: branches (2,1) and (4,2)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 1, 3, dtype=torch.float64) for _ in range(3))
+    s = (q[0, :, 0] @ k[0, :, 0].T) / math.sqrt(3)  # [4, 4]
+    e = torch.exp(s)
+    out = dilated_attention_reference(q, k, v, DilationPattern([2, 4], [1, 2]), causal=True)[0, :, 0]
+    # branch (2,1): segments {0,1},{2,3}; branch (4,2), offset 0: {0,2}
+    z1 = [e[0, :1].sum(), e[1, :2].sum(), e[2, 2:3].sum(), e[3, 2:4].sum()]
+    o1 = [e[0, :1] @ v[0, :1, 0], e[1, :2] @ v[0, :2, 0], e[2, 2:3] @ v[0, 2:3, 0], e[3, 2:4] @ v[0, 2:4, 0]]
+    z2 = {0: e[0, 0], 2: e[2, 0] + e[2, 2]}
+    o2 = {0: e[0, 0] * v[0, 0, 0], 2: e[2, 0] * v[0, 0, 0] + e[2, 2] * v[0, 2, 0]}
+    for p in range(4):
+        num, den = o1[p], z1[p]
+        if p in z2:
+            num, den = num + o2[p], den + z2[p]
+        assert torch.allclose(out[p], num / den, atol=1e-12)
+
+
+def test_multiplicity_counts_shared_keys_twice():
+    m = multiplicity(8, 2, DilationPattern([4, 8], [1, 2]), causal=False)
+    assert m[0, 0, 2] == 2  # same segment in both branches, head 0 offset 0 selects 0 and 2
+    assert m[1, 1, 3] == 2 and m[1, 0, 2] == 1  # head 1 uses offset 1 in the r = 2 branch
+    assert m[0, 0, 5] == 0  # odd position: not head 0's in the r = 2 branch; other w = 4 segment
+    assert m[0, 0, 4] == 1 and m[0, 0, 6] == 1  # only the (8, 2) branch spans both
+
+
+@pytest.mark.filterwarnings("ignore:dilation pattern")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_head_runs_every_branch_with_its_own_offset(backend, causal):
+    """Head h with r=2 must see the positions with the parity of h, in every branch."""
+    q, k, v = _inputs(1, 16, 4, 4, 0)
+    v = torch.zeros_like(v)
+    v[:, 1::2] = 1.0  # odd positions carry 1, even ones 0
+    out = dilated_attention(q, k, v, [16], [2], causal=causal, backend=backend)
+    assert torch.allclose(out[0, :, 1::2][1::2], torch.ones(8, 2, 4, dtype=out.dtype))  # odd heads, odd rows
+    assert torch.allclose(out[0, :, 0::2][0::2], torch.zeros(8, 2, 4, dtype=out.dtype))  # even heads, even rows
+    assert torch.all(out[0, 1::2, 0::2] == 0)  # rows not selected for a head get nothing
+
+
+@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
+def test_causality_of_attention(backend):
+    q, k, v = _inputs(2, 101, 3, 8, 1)
+    out = dilated_attention(q, k, v, [16, 32, 64], [1, 2, 4], causal=True, backend=backend)
+    p = 57
+    q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[:, p + 1:] = torch.randn_like(t[:, p + 1:]) * 5
+    out2 = dilated_attention(q2, k2, v2, [16, 32, 64], [1, 2, 4], causal=True, backend=backend)
+    assert torch.equal(out[:, : p + 1], out2[:, : p + 1])
+    assert not torch.allclose(out[:, p + 1:], out2[:, p + 1:])
+
+
+def test_no_dense_branch_warns_and_leaves_uncovered_rows_zero():
+    q, k, v = _inputs(1, 8, 1, 4, 2)
+    with pytest.warns(UserWarning, match="no branch with dilation rate 1"):
+        out = dilated_attention(q, k, v, [8], [2], backend="torch")
+    assert torch.all(out[0, 1::2] == 0) and torch.all(out[0, 0::2] != 0)
+
+
+def test_strided_inputs_from_a_fused_projection():
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 50, 3, 4, 8, generator=g, dtype=torch.float64)
+    q, k, v = qkv.unbind(2)
+    ref = dilated_attention_reference(q, k, v, DilationPattern([8, 24], [1, 3]))
+    for backend in CPU_BACKENDS:
+        assert _max_err([dilated_attention(q, k, v, [8, 24], [1, 3], backend=backend)], [ref]) < TOL
+
+
+def test_module_and_scale():
+    q, k, v = _inputs(1, 40, 2, 4, 4)
+    mod = DilatedAttention([8, 16], [1, 2], causal=False, scale=0.3, backend="torch")
+    ref = dilated_attention_reference(q, k, v, DilationPattern([8, 16], [1, 2]), causal=False, scale=0.3)
+    assert _max_err([mod(q, k, v)], [ref]) < TOL
+    assert "w=[8, 16]" in repr(mod)
+
+
+@pytest.mark.parametrize(
+    "ws, rs, match",
+    [
+        ([], [], "segment_lengths is empty"),
+        ([8, 16], [1], "same length"),
+        ([0], [1], "positive integers"),
+        ([8], [-1], "positive integers"),
+        ([8.5], [1], "positive integers"),
+        (None, [1], "segment_lengths must be a list"),
+    ],
+)
+def test_invalid_patterns_raise_value_error_naming_the_setting(ws, rs, match):
+    q, k, v = _inputs(1, 8, 1, 4, 0)
+    with pytest.raises(ValueError, match=match):
+        dilated_attention(q, k, v, ws, rs)
+
+
+def test_invalid_inputs_and_backends_raise_value_error():
+    q, k, v = _inputs(1, 8, 2, 4, 0)
+    with pytest.raises(ValueError, match="backend='nope'"):
+        dilated_attention(q, k, v, [8], [1], backend="nope")
+    with pytest.raises(ValueError, match=r"\[B, N, H, D\]"):
+        dilated_attention(q[0], k[0], v[0], [8], [1])
+    with pytest.raises(ValueError, match="must share"):
+        dilated_attention(q, k[:, :4], v, [8], [1])
+    with pytest.raises(ValueError, match="xformers runs on CUDA devices only"):
+        dilated_attention(q, k, v, [8], [1], backend="xformers")
+
+
+def test_flops_follow_spec_convention():
+    p = DilationPattern([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])
+    assert p.flops(1_048_576, 12, 64) == pytest.approx(6.87e12, rel=1e-3)
+    assert p.flops(100, 1, 1, causal=False) == 2 * p.flops(100, 1, 1)
