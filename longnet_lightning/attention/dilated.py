@@ -3,12 +3,12 @@
 For every branch ``(w, r)`` and every head offset ``o``, one kernel call attends inside the
 selected rows (strided views, see :mod:`.pattern`). Branch results are merged by their softmax
 denominators (paper Eq. 10), online, into a float32 accumulator:
-``lse = logaddexp(lse, lse_i)``, ``out = out * exp(lse_old - lse) + out_i * exp(lse_i - lse)``.
+``out += (out_i - out) * sigmoid(lse_i - lse)``, ``lse = logaddexp(lse, lse_i)``.
 
 The backward does not differentiate through the merge weights: the merged attention is one
 softmax over the multiset union of the branches' keys, so each branch's kernel backward, fed the
 *merged* output and log-sum-exp, returns that branch's exact share of the gradient (as ring
-attention does). Gradients are accumulated into float32 buffers through the same views.
+attention does). Gradients are accumulated through the same views into dq, dk, dv.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .kernels import BACKENDS, select_kernel
-from .pattern import DilationPattern, block_view, normalize_layout, plan_branch
+from .pattern import DilationPattern, block_view, normalize_layout, plan_branch, split_block
 from .reference import dilated_attention_reference
 
 
@@ -38,10 +38,24 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _blocks(pattern: DilationPattern, q: torch.Tensor):
+# Rows x heads per kernel call: bounds the transient per-call outputs (64 MiB per bf16 tensor
+# at head dim 64) whatever N is, so the gradients cost almost nothing beyond dq, dk, dv.
+MAX_ROWS_PER_CALL = 2**19
+
+
+def _plan(pattern: DilationPattern, q: torch.Tensor):
+    """Kernel calls in merge order, and whether the first branch covers every row (``r = 1``).
+
+    An ``r = 1`` branch goes first: it selects every (position, head) exactly once, so its
+    results are written, not merged, and the accumulators need no initialisation.
+    """
     bsz, n, h, _ = q.shape
-    for w, r in pattern.branches:
-        yield from plan_branch(n, h, w, r, bsz)
+    branches = sorted(pattern.branches, key=lambda b: b[1] != 1)  # stable: r = 1 first
+    plan = []
+    for i, (w, r) in enumerate(branches):
+        for blk in plan_branch(n, h, w, r, bsz):
+            plan += [(i, sub) for sub in split_block(blk, MAX_ROWS_PER_CALL)]
+    return plan, branches[0][1] == 1
 
 
 def dilated_forward(q, k, v, pattern: DilationPattern, causal: bool, scale: float, kernel):
@@ -51,33 +65,44 @@ def dilated_forward(q, k, v, pattern: DilationPattern, causal: bool, scale: floa
     """
     acc = _accum_dtype(q.dtype)
     bsz, n, h, _ = q.shape
-    out = torch.zeros(bsz, n, h, v.shape[-1], dtype=acc, device=q.device)
-    lse = torch.full((bsz, n, h), float("-inf"), dtype=acc, device=q.device)
-    for blk in _blocks(pattern, q):
+    plan, first_covers = _plan(pattern, q)
+    alloc = torch.empty if first_covers else torch.zeros
+    out = alloc(bsz, n, h, v.shape[-1], dtype=acc, device=q.device)
+    lse = torch.empty((bsz, n, h), dtype=acc, device=q.device)
+    if not first_covers:
+        lse.fill_(float("-inf"))
+    for branch, blk in plan:
         o_i, lse_i = kernel.forward(block_view(q, blk), block_view(k, blk), block_view(v, blk), causal, scale)
-        lse_i = lse_i.transpose(1, 2).to(acc)  # [Bt, L, G]
+        lse_i = lse_i.transpose(1, 2)  # [Bt, L, G]
         o_v, lse_v = block_view(out, blk), block_view(lse, blk)
-        new = torch.logaddexp(lse_v, lse_i)
-        o_v.mul_(torch.exp(lse_v - new)[..., None]).add_(o_i.to(acc) * torch.exp(lse_i - new)[..., None])
-        lse_v.copy_(new)
+        if branch == 0 and first_covers:
+            o_v.copy_(o_i)
+            lse_v.copy_(lse_i)
+            continue
+        # out += (o_i - out) * w_i with w_i = Z_i / (Z + Z_i): one softmax over the union.
+        w_i = torch.sigmoid(lse_i - lse_v)[..., None]
+        o_v.mul_(1 - w_i).addcmul_(o_i, w_i)
+        lse_v.copy_(torch.logaddexp(lse_v, lse_i))
     return out.to(q.dtype), lse
 
 
 def dilated_backward(dout, q, k, v, out, lse, pattern: DilationPattern, causal, scale, kernel):
-    """Gradients of the merged attention w.r.t. ``q, k, v`` (each ``[B, N, H, D]``)."""
-    acc = _accum_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    for blk in _blocks(pattern, q):
-        lse_b = block_view(lse, blk).transpose(1, 2).to(torch.float32 if acc == torch.float32 else acc)
+    """Gradients of the merged attention w.r.t. ``q, k, v`` (each ``[B, N, H, D]``).
+
+    Accumulated in the inputs' dtype, directly in the returned tensors (no float32 copies).
+    """
+    plan, first_covers = _plan(pattern, q)
+    alloc = torch.empty_like if first_covers else torch.zeros_like
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    for branch, blk in plan:
         grads = kernel.backward(
             block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
-            block_view(out, blk), lse_b, causal, scale,
+            block_view(out, blk), block_view(lse, blk).transpose(1, 2), causal, scale,
         )
         for buf, g in zip((dq, dk, dv), grads):
-            block_view(buf, blk).add_(g)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+            view = block_view(buf, blk)
+            view.copy_(g) if branch == 0 and first_covers else view.add_(g)
+    return dq, dk, dv
 
 
 class _DilatedAttentionFn(torch.autograd.Function):

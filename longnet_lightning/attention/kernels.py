@@ -145,21 +145,24 @@ class SDPAKernel:
         if q.device.type == "cpu":
             t = lambda x: x.transpose(1, 2)  # noqa: E731
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                t(dout), t(q), t(k), t(v), t(out), lse, 0.0, causal, scale=scale
+                t(dout), t(q), t(k), t(v), t(out), lse.to(q.dtype if q.dtype == torch.float64 else torch.float32),
+                0.0, causal, scale=scale,
             )
             return t(dq), t(dk), t(dv)
-        length = q.shape[1]
-        zero = torch.zeros((), dtype=torch.int64, device=q.device)
-        if q.dtype == torch.float32:
+        bt, length, g, _ = q.shape
+        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+        if q.dtype == torch.float32:  # its LSE rows are padded to a multiple of 32
+            lse_pad = torch.zeros(bt, g, -(-length // 32) * 32, dtype=torch.float32, device=q.device)
+            lse_pad[..., :length] = lse
             dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
-                dout, q, k, v, None, out, None, None, length, length, lse.contiguous(), 0.0,
-                zero, zero, int(causal), False, scale=scale,
+                dout, q, k, v, None, out, None, None, length, length, lse_pad, 0.0,
+                seed, offset, int(causal), False, scale=scale,
             )
             return dq, dk, dv
-        empty = torch.empty(0, device=q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse.contiguous(), empty, empty, length, length, 0.0, causal,
-            torch.zeros(2, dtype=torch.int64, device=q.device), empty, scale=scale,
+            dout, q, k, v, out, lse.float().contiguous(), None, None, length, length, 0.0, causal,
+            seed, offset, scale=scale,
         )
         return dq, dk, dv
 

@@ -130,6 +130,18 @@ def plan_branch(n: int, heads: int, w: int, r: int, bsz: int) -> list[Block]:
     return blocks
 
 
+def split_block(blk: Block, max_rows: int) -> list[Block]:
+    """``blk`` cut along its kernel batch so each call holds at most ``max_rows`` rows x heads."""
+    per = max(1, max_rows // max(1, blk.length * blk.heads))
+    if blk.bt <= per:
+        return [blk]
+    return [
+        Block(blk.batch, blk.start + i * blk.batch_stride, blk.offset, blk.r, min(per, blk.bt - i),
+              blk.batch_stride, blk.length, blk.heads)
+        for i in range(0, blk.bt, per)
+    ]
+
+
 def block_view(x: torch.Tensor, blk: Block) -> torch.Tensor:
     """The rows of ``blk`` in ``x`` ``[B, N, H, *rest]`` as a strided view ``[Bt, L, G, *rest]``.
 

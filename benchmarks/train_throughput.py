@@ -1,0 +1,88 @@
+"""Training throughput of the LongNet model on one GPU: tokens/s, MFU, peak memory.
+
+    python benchmarks/train_throughput.py --model 125M --contexts 8192 32768 131072 1048576
+
+One optimizer step = forward + backward + AdamW, bf16 autocast, batch = max(1, tokens // context).
+MFU = model FLOPs per token (LongNetConfig.flops_per_token: 6 x matmul parameters incl. the LM
+head, plus attention per SPEC.md with backward = 2.5 x forward) x tokens/s / peak, with the
+H200's dense bf16 peak of 989 TFLOP/s (datasheet). Dense attention runs beside dilated.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from longnet_lightning.model import LongNet, LongNetConfig  # noqa: E402
+
+PEAK = 989e12
+
+
+def run(model_name, attention, context, tokens, vocab, steps, ckpt):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cfg = LongNetConfig.from_name(model_name, vocab_size=vocab, attention=attention, activation_checkpointing=ckpt,
+                                  position="xpos" if attention == "dilated" or context <= 65536 else "rope")
+    model = LongNet(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)
+    bsz = max(1, tokens // context)
+    idx = torch.randint(0, vocab, (bsz, context), device="cuda")
+    times = []
+    try:
+        for i in range(steps + 2):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.loss(idx, idx)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            e.record()
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append(s.elapsed_time(e) / 1e3)
+    except torch.OutOfMemoryError:
+        return dict(model=model_name, attention=attention, context=context, ckpt=ckpt, error="OOM")
+    t = statistics.median(times)
+    tps = bsz * context / t
+    return dict(model=model_name, attention=attention, context=context, batch=bsz, ckpt=ckpt, step_s=t,
+                tokens_per_s=tps, mfu=cfg.flops_per_token(context) * tps / PEAK,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="125M")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 131072, 1048576])
+    ap.add_argument("--attention", nargs="*", default=["dilated", "dense"])
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens per step (batch = tokens // context)")
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--dense-max", type=int, default=131072)
+    ap.add_argument("--ckpt-from", type=int, default=262144, help="activation checkpointing from this context")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
+    args = ap.parse_args()
+    rows = []
+    for ctx in args.contexts:
+        for att in args.attention:
+            if att == "dense" and ctx > args.dense_max:
+                continue
+            r = run(args.model, att, ctx, args.tokens, args.vocab, args.steps if ctx < 2**20 else 3, ctx >= args.ckpt_from)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    with open(args.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n| model | attention | context | batch | act. ckpt | step s | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['attention']} | {r['context']:,} | | {r['ckpt']} | {r['error']} | | | |")
+        else:
+            print(f"| {r['model']} | {r['attention']} | {r['context']:,} | {r['batch']} | {r['ckpt']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
