@@ -28,6 +28,16 @@ from longnet_lightning.attention.multihead import dense_attention  # noqa: E402
 PAPER = DilationPattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
 
 
+def use(backend: str) -> str:
+    """``sdpa:flash`` / ``sdpa:cudnn`` pick the CUDA kernel behind the sdpa backend."""
+    name, _, impl = backend.partition(":")
+    if impl:
+        KERNELS[name].cuda_impl = impl
+    elif name == "sdpa":
+        KERNELS[name].cuda_impl = "cudnn"
+    return name
+
+
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -50,7 +60,7 @@ def check(backends, out_rows):
             for dtype in (torch.bfloat16, torch.float32):
                 x = [t.to(dtype).requires_grad_() for t in base]
                 try:
-                    out = dilated_attention(*x, ws, rs, causal=causal, backend=backend)
+                    out = dilated_attention(*x, ws, rs, causal=causal, backend=use(backend))
                     grads = torch.autograd.grad(out, x, dout.to(dtype))
                     errs = [rel(out, ref)] + [rel(a, r) for a, r in zip(grads, ref_g)]
                     ok = all(e == e for e in errs) and max(errs) < (3e-2 if dtype == torch.bfloat16 else 1e-3)
@@ -86,7 +96,8 @@ def speed(n, backend, reps, h=12, d=64, pattern=PAPER):
         f = lambda: dense_attention(q, k, v, causal=True)  # noqa: E731
         flops = 2.0 * n * n * h * d
     else:
-        f = lambda: dilated_attention(q, k, v, pattern, causal=True, backend=backend)  # noqa: E731
+        name = use(backend)
+        f = lambda: dilated_attention(q, k, v, pattern, causal=True, backend=name)  # noqa: E731
         flops = pattern.flops(n, h, d)
 
     def fb():
@@ -113,7 +124,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare every backend with the reference first")
     ap.add_argument("--sizes", type=int, nargs="*", default=[8192, 32768, 131072, 1048576])
-    ap.add_argument("--backends", nargs="*", default=["sdpa", "xformers", "torch", "dense"])
+    ap.add_argument("--backends", nargs="*", default=["sdpa:cudnn", "sdpa:flash", "xformers", "torch", "dense"])
     ap.add_argument("--dense-max", type=int, default=262144, help="largest N for dense SDPA")
     ap.add_argument("--torch-max", type=int, default=32768, help="largest N for the plain torch kernel")
     ap.add_argument("--reps", type=int, default=10)
@@ -121,12 +132,12 @@ def main():
     args = ap.parse_args()
     warnings.simplefilter("default")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    for name in args.backends:
+    for name in {b.partition(":")[0] for b in args.backends}:
         if name in KERNELS:
             print(f"{name}: {KERNELS[name].supports(torch.zeros(1, 8, 1, 64, device='cuda', dtype=torch.bfloat16)) or 'ok'}")
     rows = []
     if args.check:
-        check([b for b in args.backends if b in KERNELS], rows)
+        check([b for b in args.backends if b.partition(":")[0] in KERNELS], rows)
     speed_rows = []
     for n in args.sizes:
         for backend in args.backends:

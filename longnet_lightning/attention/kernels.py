@@ -100,11 +100,21 @@ class TorchKernel:
 class SDPAKernel:
     """PyTorch's fused attention kernels, reached through the ATen ops that return the LSE.
 
-    CUDA: flash attention for fp16/bf16, memory-efficient attention for fp32. CPU: the fused
-    flash kernel for CPU (any float dtype). Layout ``[Bt, L, G, D]`` is what the CUDA ops take.
+    CUDA fp16/bf16: cuDNN attention (fastest on Hopper), else flash attention (set
+    ``LONGNET_SDPA_CUDA=flash`` to force it); fp32: memory-efficient attention. CPU: the fused
+    flash kernel for CPU (any float dtype). The backward of either CUDA kernel accepts the
+    merged output and LSE, so the two can be mixed.
     """
 
     name = "sdpa"
+
+    def __init__(self):
+        self.cuda_impl = os.environ.get("LONGNET_SDPA_CUDA", "cudnn")
+
+    def _cudnn_failed(self, e: Exception) -> None:
+        warnings.warn(f"longnet_lightning: cuDNN attention failed ({type(e).__name__}: {str(e)[:200]}); "
+                      "using flash attention from now on", stacklevel=4)
+        self.cuda_impl = "flash"
 
     def supports(self, q: torch.Tensor) -> str | None:
         d = q.shape[-1]
@@ -130,7 +140,16 @@ class SDPAKernel:
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
             )
             return out.transpose(1, 2), lse
-        length = q.shape[1]
+        bt, length, g, _ = q.shape
+        if q.dtype != torch.float32 and self.cuda_impl == "cudnn" and length > 1:  # cuDNN rejects L = 1
+            t = lambda x: x.transpose(1, 2)  # noqa: E731
+            try:
+                out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    t(q), t(k), t(v), None, True, 0.0, causal, False, scale=scale
+                )
+                return t(out), lse.reshape(bt, g, length)
+            except RuntimeError as e:
+                self._cudnn_failed(e)
         if q.dtype == torch.float32:
             out, lse, *_ = torch.ops.aten._efficient_attention_forward(
                 q, k, v, None, None, None, length, length, 0.0, int(causal), True, scale=scale
@@ -160,9 +179,19 @@ class SDPAKernel:
                 seed, offset, int(causal), False, scale=scale,
             )
             return dq, dk, dv
+        lse = lse.float().contiguous()
+        if self.cuda_impl == "cudnn" and length > 1:
+            t = lambda x: x.transpose(1, 2)  # noqa: E731
+            try:
+                dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                    t(dout), t(q), t(k), t(v), t(out), lse.unsqueeze(-1), seed, offset, None, None, None,
+                    length, length, 0.0, causal, scale=scale,
+                )
+                return t(dq), t(dk), t(dv)
+            except RuntimeError as e:
+                self._cudnn_failed(e)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse.float().contiguous(), None, None, length, length, 0.0, causal,
-            seed, offset, scale=scale,
+            dout, q, k, v, out, lse, None, None, length, length, 0.0, causal, seed, offset, scale=scale,
         )
         return dq, dk, dv
 

@@ -101,14 +101,16 @@ def resolve_sources(paths: str | os.PathLike | Sequence[str | os.PathLike], form
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
-        raise ValueError("data_path is an empty list; give at least one file, folder or glob (or None for the default corpus).")
+        raise ValueError(
+            "data_path is an empty list; give at least one file, folder or glob (or None for the default corpus)."
+        )
     out: dict[Path, SourceFile] = {}
     for p in paths:
         spelled = os.fspath(p)
         expanded = os.path.expanduser(spelled)
         if globlib.has_magic(expanded):
             matches = sorted(Path(m) for m in globlib.glob(expanded, recursive=True))
-            files = [f for m in matches for f in ([m] if m.is_file() else _walk(m) if m.is_dir() else [])]
+            files = [f for m in matches for f in ([m] if m.is_file() else _walk(m))]
             if not files:
                 raise FileNotFoundError(f"data_path glob {spelled!r} matches no file (cwd: {os.getcwd()}).")
             anchor = _abs(_glob_base(expanded)).parent

@@ -114,7 +114,9 @@ class HFTokenizer(Tokenizer):
 
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist; use 'byte', 'bpe' or a tokenizer.json path.")
+            raise FileNotFoundError(
+                f"tokenizer file {str(path)!r} does not exist; use 'byte', 'bpe' or a tokenizer.json path."
+            )
         text = path.read_text(encoding="utf-8")
         try:
             _HF.from_str(text)
@@ -189,7 +191,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
 
     base = 256 + 1
     if vocab_size <= base:
-        raise ValueError(f"bpe_vocab_size={vocab_size} must exceed {base} (256 bytes + EOS); for bytes only use tokenizer='byte'.")
+        raise ValueError(
+            f"bpe_vocab_size={vocab_size} must exceed {base} (256 bytes + EOS); for bytes only use tokenizer='byte'."
+        )
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

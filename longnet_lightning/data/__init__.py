@@ -1,0 +1,46 @@
+"""Long-text data: sources, tokenizers, token caches, windows and the LongTextDataModule."""
+
+from .cache import Corpus, SplitSpec, TokenCache, build_token_cache, cache_root, load_or_train_bpe
+from .datamodule import LongTextDataModule
+from .sources import Document, read_documents, resolve_sources, stdlib_corpus_files
+from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer, load_tokenizer, train_bpe
+from .windows import (
+    IGNORE_INDEX,
+    EvalWindows,
+    RandomWindowSampler,
+    ResumableDataLoader,
+    ShardSampler,
+    TrainWindows,
+    bits_per_byte,
+    eval_windows,
+    label_bytes,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ByteTokenizer",
+    "Corpus",
+    "Document",
+    "EvalWindows",
+    "HFTokenizer",
+    "LongTextDataModule",
+    "RandomWindowSampler",
+    "ResumableDataLoader",
+    "ShardSampler",
+    "SplitSpec",
+    "TokenCache",
+    "Tokenizer",
+    "TrainWindows",
+    "bits_per_byte",
+    "build_token_cache",
+    "build_tokenizer",
+    "cache_root",
+    "eval_windows",
+    "label_bytes",
+    "load_or_train_bpe",
+    "load_tokenizer",
+    "read_documents",
+    "resolve_sources",
+    "stdlib_corpus_files",
+    "train_bpe",
+]

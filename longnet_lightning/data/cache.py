@@ -1,0 +1,356 @@
+"""Tokenise a corpus once into memory-mapped token files, one per split, plus a small JSON index.
+
+Layout of ``<cache_dir>/tokens-<key>/``::
+
+    train.bin, val.bin, test.bin   tokens of each split's documents, each document followed by EOS
+    index.json                     written last: names, offsets, lengths, UTF-8 bytes per document
+
+The key hashes everything the tokens depend on: the source files (absolute path, name, size,
+mtime), format, text_field, errors, the tokenizer fingerprint and the split settings. A cache is
+built in a temporary folder and renamed into place in one step, so an interrupted build leaves
+no folder under the final name and is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .sources import ERRORS, FORMATS, Document, read_documents, resolve_sources, stdlib_corpus_files
+from .tokenizers import HFTokenizer, Tokenizer, load_tokenizer, train_bpe
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+ENV_CACHE_DIR = "LONGNET_CACHE"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else $LONGNET_CACHE, else ~/.cache/longnet_lightning."""
+    root = cache_dir or os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "longnet_lightning"
+    return Path(root).expanduser()
+
+
+def _hash(obj) -> str:
+    """16 hex digits of the SHA-256 of `obj` as canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Which documents to read: paths (None = built-in stdlib corpus) and how to read them."""
+
+    paths: tuple[str, ...] | None = None
+    format: str = "auto"
+    text_field: str = "text"
+    errors: str = "strict"
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r} is not supported; use one of {list(FORMATS)}.")
+        if self.errors not in ERRORS:
+            raise ValueError(f"errors={self.errors!r} is not supported; use one of {list(ERRORS)}.")
+
+    @classmethod
+    def from_paths(cls, paths: str | os.PathLike | list | tuple | None, **kw) -> Corpus:
+        if paths is not None:
+            paths = (os.fspath(paths),) if isinstance(paths, (str, os.PathLike)) else tuple(map(os.fspath, paths))
+        return cls(paths, **kw)
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(name, absolute path) of every file read, in reading order."""
+        if self.paths is None:
+            return [(name, f) for name, fs in stdlib_corpus_files().items() for f in fs]
+        return [(s.name, s.path) for s in resolve_sources(self.paths, self.format)]
+
+    def fingerprint(self) -> str:
+        """Hash of the settings and of each file's path, size and modification time."""
+        stats = [(n, str(p), (st := p.stat()).st_size, st.st_mtime_ns) for n, p in self.files()]
+        return _hash({"settings": asdict(self), "files": stats})
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for _, p in self.files())
+
+    def documents(self) -> Iterator[Document]:
+        return read_documents(self.paths, self.format, self.text_field, self.errors)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Document-level split settings: each document goes to one split by a hash of (name, seed)."""
+
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    seed: int = 1234
+
+    def __post_init__(self):
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name}={v} must be in [0, 1).")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves no training data; "
+                "keep their sum below 1."
+            )
+
+    def split_of(self, name: str) -> int:
+        """0 (train), 1 (val) or 2 (test) for a document name; stable across runs and machines."""
+        digest = hashlib.sha256(f"{self.seed}\0{name}".encode()).digest()
+        u = int.from_bytes(digest[:8], "little") / 2.0**64
+        return 2 if u < self.test_fraction else 1 if u < self.test_fraction + self.val_fraction else 0
+
+    def check_counts(self, counts: list[int]) -> None:
+        """ValueError if a split with a positive fraction (or train) got no document."""
+        total = sum(counts)
+        for i, split in enumerate(SPLITS):
+            frac = 1.0 if split == "train" else getattr(self, f"{split}_fraction")
+            if frac > 0 and counts[i] == 0:
+                fix = (
+                    "lower val_fraction/test_fraction"
+                    if split == "train"
+                    else f"raise {split}_fraction, change seed, split the text into more documents, "
+                    f"or set {split}_fraction=0"
+                )
+                raise ValueError(
+                    f"the {split} split is empty: {total} documents were split {dict(zip(SPLITS, counts))} with "
+                    f"val_fraction={self.val_fraction}, test_fraction={self.test_fraction}, seed={self.seed}; {fix}."
+                )
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+# ----------------------------------------------------------------------------- BPE tokenizer cache
+
+
+def bpe_cache_path(corpus: Corpus, split: SplitSpec, vocab_size: int, cache_dir=None) -> Path:
+    """Where the BPE trained on this corpus's training split with these settings is stored."""
+    import tokenizers
+
+    key = _hash([CACHE_VERSION, corpus.fingerprint(), asdict(split), vocab_size, tokenizers.__version__])
+    return cache_root(cache_dir) / f"bpe-{key}.json"
+
+
+def load_or_train_bpe(corpus: Corpus, split: SplitSpec, vocab_size: int, cache_dir=None) -> HFTokenizer:
+    """Byte-level BPE trained on the TRAINING split only; trained once, then read from the cache."""
+    path = bpe_cache_path(corpus, split, vocab_size, cache_dir)
+    if path.is_file():
+        return load_tokenizer(json.loads(path.read_text()))
+    counts = [0, 0, 0]
+
+    def train_texts() -> Iterator[str]:
+        for doc in corpus.documents():
+            s = split.split_of(doc.name)
+            counts[s] += 1
+            if s == 0:
+                yield doc.text
+
+    log.info("training a %d-token byte-level BPE on the training split (cached at %s)", vocab_size, path)
+    tok = train_bpe(train_texts(), vocab_size)
+    split.check_counts(counts)
+    _atomic_write_text(path, json.dumps(tok.spec()))
+    return tok
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- token cache
+
+
+@dataclass
+class SplitTokens:
+    """One split: its token file and per-document offsets/lengths (tokens, EOS excluded) and UTF-8 bytes."""
+
+    path: Path
+    dtype: np.dtype
+    names: list[str]
+    offsets: np.ndarray  # int64 [n_docs]
+    lengths: np.ndarray  # int64 [n_docs]
+    nbytes: np.ndarray  # int64 [n_docs]
+    n_tokens: int  # tokens in the file = sum(lengths) + n_docs (one EOS after each document)
+
+    def tokens(self) -> np.ndarray:
+        """The split's token file as a read-only memmap [n_tokens]."""
+        if self.n_tokens == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+
+@dataclass
+class TokenCache:
+    """A finished cache folder, read through its index."""
+
+    path: Path
+    index: dict
+
+    @classmethod
+    def open(cls, path: Path) -> TokenCache:
+        """Read and check a cache folder; ValueError if it is incomplete or inconsistent."""
+        index_file = path / "index.json"
+        if not index_file.is_file():
+            raise ValueError(f"{path} has no index.json (incomplete cache).")
+        index = json.loads(index_file.read_text())
+        cache = cls(path, index)
+        for name in SPLITS:
+            s = cache.split(name)
+            size = s.path.stat().st_size if s.path.exists() else -1
+            if size != s.n_tokens * s.dtype.itemsize:
+                raise ValueError(f"{s.path} holds {size} bytes, index says {s.n_tokens} tokens of {s.dtype}.")
+        return cache
+
+    @property
+    def vocab_size(self) -> int:
+        return self.index["vocab_size"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.index["eos_id"]
+
+    @cached_property
+    def _splits(self) -> dict[str, SplitTokens]:
+        dtype = np.dtype(self.index["dtype"])
+        out = {}
+        for name in SPLITS:
+            d = self.index["splits"][name]
+            out[name] = SplitTokens(
+                self.path / f"{name}.bin",
+                dtype,
+                d["names"],
+                np.asarray(d["offsets"], dtype=np.int64),
+                np.asarray(d["lengths"], dtype=np.int64),
+                np.asarray(d["nbytes"], dtype=np.int64),
+                d["n_tokens"],
+            )
+        return out
+
+    def split(self, name: str) -> SplitTokens:
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r} does not exist; use one of {list(SPLITS)}.")
+        return self._splits[name]
+
+
+def token_cache_path(corpus: Corpus, tokenizer: Tokenizer, split: SplitSpec, cache_dir=None) -> Path:
+    key = _hash([CACHE_VERSION, corpus.fingerprint(), tokenizer.fingerprint(), asdict(split)])
+    return cache_root(cache_dir) / f"tokens-{key}"
+
+
+def build_token_cache(
+    corpus: Corpus, tokenizer: Tokenizer, split: SplitSpec, cache_dir=None, batch_docs: int = 64
+) -> TokenCache:
+    """Open the cache for these inputs, building it first if needed (atomically)."""
+    final = token_cache_path(corpus, tokenizer, split, cache_dir)
+    if final.exists():
+        try:
+            return TokenCache.open(final)
+        except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+            log.warning("token cache %s is damaged (%s); rebuilding it", final, e)
+            shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        index = _write_tokens(tmp, corpus, tokenizer, split, batch_docs)
+        (tmp / "index.json").write_text(json.dumps(index))
+        try:
+            os.rename(tmp, final)  # atomic; fails if another process finished first
+        except OSError:
+            if not (final / "index.json").is_file():
+                raise
+        log.info("token cache written to %s", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TokenCache.open(final)
+
+
+def _batches(docs: Iterator[Document], n: int) -> Iterator[list[Document]]:
+    batch = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: SplitSpec, batch_docs: int) -> dict:
+    """Tokenise every document into folder/{train,val,test}.bin; return the index."""
+    V, eos = tokenizer.vocab_size, tokenizer.eos_id
+    if not 0 <= eos < V:
+        raise ValueError(f"tokenizer eos_id={eos} is outside its vocabulary of {V}; fix the tokenizer file.")
+    dtype = token_dtype(V)
+    token_bytes = tokenizer.token_bytes()
+    meta = {s: {"names": [], "offsets": [], "lengths": [], "nbytes": [], "n_tokens": 0} for s in SPLITS}
+    files = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}
+    eos_bytes = np.asarray([eos], dtype=dtype).tobytes()
+    n_files, total = len(corpus.files()), corpus.total_bytes()
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenising", disable=n_files < 100 and total < 2**24)
+    max_id, mismatched = -1, 0
+    try:
+        for batch in _batches(corpus.documents(), batch_docs):
+            for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
+                nbytes = len(doc.text.encode("utf-8"))
+                if ids.size:
+                    max_id = max(max_id, int(ids.max()))
+                    if ids.min() < 0 or max_id >= V:
+                        raise ValueError(
+                            f"tokenizer produced id {max_id if max_id >= V else int(ids.min())} for {doc.name!r}, "
+                            f"outside its vocabulary of {V}; the tokenizer file is inconsistent, fix or replace it."
+                        )
+                mismatched += int(token_bytes[ids].sum()) != nbytes
+                name = SPLITS[split.split_of(doc.name)]
+                m = meta[name]
+                m["names"].append(doc.name)
+                m["offsets"].append(m["n_tokens"])
+                m["lengths"].append(int(ids.size))
+                m["nbytes"].append(nbytes)
+                m["n_tokens"] += int(ids.size) + 1
+                files[name].write(ids.astype(dtype).tobytes())
+                files[name].write(eos_bytes)
+                bar.update(nbytes)
+    finally:
+        bar.close()
+        for f in files.values():
+            f.close()
+    split.check_counts([len(meta[s]["names"]) for s in SPLITS])
+    if mismatched:
+        log.warning(
+            "%d documents: token_bytes of their tokens do not add up to their UTF-8 size; "
+            "bits per byte is approximate with this tokenizer",
+            mismatched,
+        )
+    return {
+        "version": CACHE_VERSION,
+        "corpus": asdict(corpus),
+        "split": asdict(split),
+        "tokenizer": tokenizer.fingerprint(),
+        "vocab_size": V,
+        "eos_id": eos,
+        "dtype": dtype.name,
+        "max_id": max_id,
+        "bytes_exact": mismatched == 0,
+        "splits": meta,
+    }
