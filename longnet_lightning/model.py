@@ -251,7 +251,9 @@ class LongNet(nn.Module):
 
 
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight).float()  # [T, V]
+    logits = F.linear(h, weight)  # [T, V]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
 
 

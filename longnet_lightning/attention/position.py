@@ -35,7 +35,7 @@ class Rotary(nn.Module):
         pos = torch.arange(start, start + n, device=device, dtype=torch.float64)
         i = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
         ang = pos[:, None] * self.theta ** (-i / self.head_dim)[None, :]  # [N, D/2], float64: exact at 1M
-        cos, sin = ang.cos().float(), ang.sin().float()
+        cos, sin = ang.cos(), ang.sin()
         if self.scale_base is None:
             return cos, sin, None
         if self.anchor_block is None:
@@ -51,17 +51,20 @@ class Rotary(nn.Module):
             )
         zeta = (i / self.head_dim + self.gamma) / (1 + self.gamma)  # [D/2]
         decay = zeta[None, :] ** ((pos - anchor)[:, None] / self.scale_base)  # [N, D/2]
-        return cos, sin, decay.float()
+        return cos, sin, decay
 
     @staticmethod
     def _rotate(x, cos, sin):
-        x1, x2 = x.float().chunk(2, dim=-1)  # halves, [B, N, H, D/2]
+        x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)  # halves, [B, N, H, D/2]
         c, s = cos[None, :, None, :], sin[None, :, None, :]
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0):
         """``q, k`` ``[B, N, H, D]`` at positions ``start..start+N-1`` → rotated (and scaled)."""
         cos, sin, decay = self._tables(q.shape[1], start, q.device)
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # tables are float64: exact at 1M
+        cos, sin = cos.to(dt), sin.to(dt)
+        decay = None if decay is None else decay.to(dt)
         qr, kr = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         if decay is not None:
             d = torch.cat((decay, decay), dim=-1)[None, :, None, :]

@@ -1,0 +1,166 @@
+"""The LongNet model: presets, positions, chunked loss, checkpointing, causality, dense baseline."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from longnet_lightning import LongNet, LongNetConfig, MultiheadDilatedAttention, PATTERNS, PRESETS
+from longnet_lightning.attention.position import Rotary
+from longnet_lightning.model import chunked_cross_entropy
+
+
+def _tiny(**kw):
+    kw = {"vocab_size": 61, "n_layer": 2, "n_embd": 32, "n_head": 4, "ffn_dim": 64,
+          "segment_lengths": [8, 16, 32], "dilation_rates": [1, 2, 4], **kw}
+    return LongNetConfig(**kw)
+
+
+def test_import_is_light_and_never_touches_xformers():
+    code = ("import sys, torch, longnet_lightning as ll; "
+            "q = torch.randn(1, 40, 2, 8); ll.dilated_attention(q, q, q, [8, 16], [1, 2]); "
+            "ll.LongNet(ll.LongNetConfig()); print('xformers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
+    assert "xformers" not in res.stderr.lower() and "warning" not in res.stderr.lower()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_build_configs_with_exact_parameter_counts(name):
+    cfg = LongNetConfig.from_name(name, vocab_size=1000)
+    assert cfg.segment_lengths == list(PATTERNS[PRESETS[name]["pattern"]][0])
+    if name in ("tiny", "small"):
+        assert sum(p.numel() for p in LongNet(cfg).parameters()) == cfg.num_params()
+
+
+def test_paper_sizes():
+    base = LongNetConfig.from_name("125M")
+    assert (base.n_layer, base.n_embd, base.n_head, base.ffn_dim) == (12, 768, 12, 3072)
+    assert LongNetConfig.from_name("2.7B").n_head == 32
+    assert LongNetConfig.from_name("125M", vocab_size=50_000).num_params() == pytest.approx(1.24e8, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(n_embd=30, n_head=4), "multiple of n_head"),
+        (dict(attention="sparse"), "'dilated' or 'dense'"),
+        (dict(position="alibi"), "'xpos', 'rope' or 'none'"),
+        (dict(segment_lengths=[8, 16], dilation_rates=[1]), "same length"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(attn_backend="cuda"), "attn_backend"),
+    ],
+)
+def test_invalid_configs_raise_value_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _tiny(**kw)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        LongNetConfig.from_name("7B")
+
+
+@pytest.mark.parametrize("attention", ["dilated", "dense"])
+def test_model_is_causal(attention):
+    torch.manual_seed(0)
+    model = LongNet(_tiny(attention=attention)).double().eval()
+    idx = torch.randint(0, 61, (2, 75))
+    p = 40
+    idx2 = idx.clone()
+    idx2[:, p + 1:] = torch.randint(0, 61, (2, 75 - p - 1))
+    a, b = model(idx), model(idx2)
+    assert torch.equal(a[:, : p + 1], b[:, : p + 1])
+    assert not torch.allclose(a[:, p + 1:], b[:, p + 1:])
+
+
+def test_dilated_with_one_dense_branch_equals_the_dense_model():
+    """w >= N, r = 1 is dense attention: same weights, same logits."""
+    torch.manual_seed(1)
+    dense = LongNet(_tiny(attention="dense", position="rope")).double()
+    dil = LongNet(_tiny(segment_lengths=[128], dilation_rates=[1], position="rope")).double()
+    dil.load_state_dict(dense.state_dict())
+    idx = torch.randint(0, 61, (2, 100))
+    assert torch.allclose(dense(idx), dil(idx), atol=1e-10)
+
+
+def test_chunked_loss_equals_full_cross_entropy_values_and_grads():
+    torch.manual_seed(2)
+    h = torch.randn(2, 37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 11, (2, 37))
+    y[0, :5] = -100
+    nll = chunked_cross_entropy(h, w, y, chunk=8)
+    ref = torch.nn.functional.cross_entropy((h @ w.T).reshape(-1, 11), y.reshape(-1), reduction="none").view(2, 37)
+    assert torch.allclose(nll, ref) and torch.all(nll[0, :5] == 0)
+    g = torch.autograd.grad(nll.sum(), (h, w))
+    g_ref = torch.autograd.grad(ref.sum(), (h, w))
+    assert all(torch.allclose(a, b) for a, b in zip(g, g_ref))
+
+
+def test_loss_reductions_and_activation_checkpointing_agree():
+    torch.manual_seed(3)
+    cfg = _tiny(loss_chunk_size=7)
+    model = LongNet(cfg).double()
+    idx = torch.randint(0, 61, (2, 50))
+    labels = idx.roll(-1, 1)
+    labels[:, -1] = -100
+    mean = model.loss(idx, labels)
+    assert torch.allclose(mean * 98, model.loss(idx, labels, "sum"))
+    assert torch.allclose(model.loss(idx, labels, "none").sum(), model.loss(idx, labels, "sum"))
+    g1 = torch.autograd.grad(mean, list(model.parameters()))
+    model.config.activation_checkpointing = True
+    model.train()
+    g2 = torch.autograd.grad(model.loss(idx, labels), list(model.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g1, g2))
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected():
+    model = LongNet(_tiny())
+    with pytest.raises(ValueError, match="vocab_size=61"):
+        model(torch.tensor([[1, 2, 61]]))
+
+
+@pytest.mark.parametrize("xpos", [None, 512.0])
+def test_rotary_scores_depend_only_on_relative_position(xpos):
+    rot = Rotary(8, xpos_scale_base=xpos, anchor_block=64)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64)
+    def score(n, m):  # q at n, k at m, both in one anchor block
+        qq, _ = rot(q, q, start=n)
+        _, kk = rot(k, k, start=m)
+        return (qq * kk).sum().item()
+    assert score(10, 3) == pytest.approx(score(40, 33), rel=1e-9)
+    assert score(10, 3) != pytest.approx(score(10, 4), rel=1e-6)
+
+
+def test_xpos_decays_with_distance_and_guards_its_range():
+    rot = Rotary(8, xpos_scale_base=4.0, anchor_block=None)
+    one = torch.ones(1, 64, 1, 8, dtype=torch.float64)
+    q, k = rot(one, one)
+    s = torch.einsum("bnhd,bmhd->nm", q, k)
+    assert s[63, 63] > s[63, 0]  # decay with distance (RoPE alone would oscillate)
+    with pytest.raises(ValueError, match="position='rope'"):
+        Rotary(8, xpos_scale_base=512.0)(torch.ones(1, 80_000, 1, 8), torch.ones(1, 80_000, 1, 8))
+
+
+def test_multihead_attention_in_a_user_model_and_its_errors():
+    torch.manual_seed(4)
+    mha = MultiheadDilatedAttention(32, 4, [8, 16], [1, 2], position="xpos").double()
+    x = torch.randn(3, 21, 32, dtype=torch.float64, requires_grad=True)
+    y = mha(x)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        MultiheadDilatedAttention(30, 4, [8], [1])
+    with pytest.raises(ValueError, match=r"x must be \[B, N, 32\]"):
+        mha(torch.randn(3, 21, 16, dtype=torch.float64))
+
+
+def test_generate_appends_tokens_deterministically():
+    torch.manual_seed(5)
+    model = LongNet(_tiny()).eval()
+    idx = torch.randint(0, 61, (2, 9))
+    a = model.generate(idx, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(0))
+    b = model.generate(idx, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 15) and torch.equal(a, b) and torch.equal(a[:, :9], idx)
+    greedy = model.generate(idx, 1, temperature=0)
+    assert torch.equal(greedy[:, -1], model(idx)[:, -1].argmax(-1))
