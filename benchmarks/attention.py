@@ -22,14 +22,20 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longnet_lightning.attention import DilationPattern, dilated_attention, dilated_attention_reference  # noqa: E402
+import longnet_lightning.attention.dilated as dil  # noqa: E402
 from longnet_lightning.attention.kernels import KERNELS  # noqa: E402
+
+DEFAULT_PACKED = dil.PACKED_MAX_TOKENS
 from longnet_lightning.attention.multihead import dense_attention  # noqa: E402
 
 PAPER = DilationPattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
 
 
 def use(backend: str) -> str:
-    """``sdpa:flash`` / ``sdpa:cudnn`` pick the CUDA kernel behind the sdpa backend."""
+    """``sdpa:flash`` / ``sdpa:cudnn`` pick the CUDA kernel behind the sdpa backend;
+    a suffix ``@packed`` / ``@strided`` forces the plan (default: chosen by size)."""
+    backend, _, plan = backend.partition("@")
+    dil.PACKED_MAX_TOKENS = {"packed": 2**62, "strided": 0}.get(plan, DEFAULT_PACKED)
     name, _, impl = backend.partition(":")
     if impl:
         KERNELS[name].cuda_impl = impl
@@ -127,21 +133,24 @@ def main():
     ap.add_argument("--backends", nargs="*", default=["sdpa:cudnn", "sdpa:flash", "xformers", "torch", "dense"])
     ap.add_argument("--dense-max", type=int, default=262144, help="largest N for dense SDPA")
     ap.add_argument("--torch-max", type=int, default=32768, help="largest N for the plain torch kernel")
+    ap.add_argument("--packed-max", type=int, default=1048576, help="largest N for a forced packed plan")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "attention.json"))
     args = ap.parse_args()
     warnings.simplefilter("default")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    for name in {b.partition(":")[0] for b in args.backends}:
+    for name in {b.partition("@")[0].partition(":")[0] for b in args.backends}:
         if name in KERNELS:
             print(f"{name}: {KERNELS[name].supports(torch.zeros(1, 8, 1, 64, device='cuda', dtype=torch.bfloat16)) or 'ok'}")
     rows = []
     if args.check:
-        check([b for b in args.backends if b.partition(":")[0] in KERNELS], rows)
+        check([b for b in args.backends if b.partition("@")[0].partition(":")[0] in KERNELS], rows)
     speed_rows = []
     for n in args.sizes:
         for backend in args.backends:
-            if (backend == "dense" and n > args.dense_max) or (backend == "torch" and n > args.torch_max):
+            if (backend == "dense" and n > args.dense_max) or (backend.startswith("torch") and n > args.torch_max):
+                continue
+            if backend.endswith("@packed") and n > args.packed_max:
                 continue
             try:
                 r = speed(n, backend, args.reps)

@@ -1,4 +1,5 @@
 """Every dilated-attention backend that runs here equals the dense reference of SPEC.md."""
+import contextlib
 import math
 import warnings
 
@@ -8,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from longnet_lightning import DilatedAttention, DilationPattern, dilated_attention, dilated_attention_reference
+import longnet_lightning.attention.dilated as dil
 from longnet_lightning.attention.kernels import KERNELS
 from longnet_lightning.attention.reference import multiplicity
 
@@ -38,18 +40,30 @@ def _max_err(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
+@contextlib.contextmanager
+def plan(name):
+    """Force the packed plan (one gathered call per branch) or the strided one (views)."""
+    old = dil.PACKED_MAX_TOKENS
+    dil.PACKED_MAX_TOKENS = 2**62 if name == "packed" else 0
+    try:
+        yield
+    finally:
+        dil.PACKED_MAX_TOKENS = old
+
+
+@pytest.mark.parametrize("plan_name", ["packed", "strided"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs())
-def test_backend_matches_reference_outputs_and_grads(backend, cfg):
+def test_backend_matches_reference_outputs_and_grads(backend, plan_name, cfg):
     q, k, v = _inputs(cfg["b"], cfg["n"], cfg["h"], cfg["d"], cfg["seed"])
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), plan(plan_name):
         warnings.simplefilter("ignore")  # patterns without r = 1 warn; they are drawn on purpose
         ref = dilated_attention_reference(q, k, v, DilationPattern(cfg["ws"], cfg["rs"]), causal=cfg["causal"])
         out = dilated_attention(q, k, v, cfg["ws"], cfg["rs"], causal=cfg["causal"], backend=backend)
-    grad = torch.randn_like(ref)
-    g_ref = torch.autograd.grad(ref, (q, k, v), grad)
-    g_out = torch.autograd.grad(out, (q, k, v), grad)
+        grad = torch.randn_like(ref)
+        g_ref = torch.autograd.grad(ref, (q, k, v), grad)
+        g_out = torch.autograd.grad(out, (q, k, v), grad)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert _max_err([out], [ref]) < TOL
     assert _max_err(g_out, g_ref) < TOL
@@ -96,15 +110,17 @@ def test_every_head_runs_every_branch_with_its_own_offset(backend, causal):
     assert torch.all(out[0, 1::2, 0::2] == 0)  # rows not selected for a head get nothing
 
 
+@pytest.mark.parametrize("plan_name", ["packed", "strided"])
 @pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
-def test_causality_of_attention(backend):
+def test_causality_of_attention(backend, plan_name):
     q, k, v = _inputs(2, 101, 3, 8, 1)
-    out = dilated_attention(q, k, v, [16, 32, 64], [1, 2, 4], causal=True, backend=backend)
     p = 57
     q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
     for t in (q2, k2, v2):
         t[:, p + 1:] = torch.randn_like(t[:, p + 1:]) * 5
-    out2 = dilated_attention(q2, k2, v2, [16, 32, 64], [1, 2, 4], causal=True, backend=backend)
+    with plan(plan_name):
+        out = dilated_attention(q, k, v, [16, 32, 64], [1, 2, 4], causal=True, backend=backend)
+        out2 = dilated_attention(q2, k2, v2, [16, 32, 64], [1, 2, 4], causal=True, backend=backend)
     assert torch.equal(out[:, : p + 1], out2[:, : p + 1])
     assert not torch.allclose(out[:, p + 1:], out2[:, p + 1:])
 
@@ -170,9 +186,8 @@ def test_flops_follow_spec_convention():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_kernel_calls_split_into_small_pieces_still_match(backend, monkeypatch):
-    import longnet_lightning.attention.dilated as dil
-
-    monkeypatch.setattr(dil, "MAX_ROWS_PER_CALL", 7)  # many tiny calls, batch folded across rows
+    monkeypatch.setattr(dil, "MAX_ROWS_PER_CALL", 7)
+    monkeypatch.setattr(dil, "PACKED_MAX_TOKENS", 0)  # many tiny calls, batch folded across rows
     q, k, v = _inputs(2, 96, 3, 4, 5)
     pattern = DilationPattern([32, 8, 48], [2, 1, 3])  # r = 1 not first: the plan reorders
     ref = dilated_attention_reference(q, k, v, pattern)

@@ -13,12 +13,13 @@ attention does). Gradients are accumulated through the same views into dq, dk, d
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
 
 from .kernels import BACKENDS, select_kernel
-from .pattern import DilationPattern, block_view, normalize_layout, plan_branch, split_block
+from .pattern import DilationPattern, block_view, normalize_layout, packed_index, plan_branch, split_block
 from .reference import dilated_attention_reference
 
 
@@ -105,19 +106,97 @@ def dilated_backward(dout, q, k, v, out, lse, pattern: DilationPattern, causal, 
     return dq, dk, dv
 
 
+# Packed plan: each branch gathered into [S, L, H, D] and run as ONE kernel call (all segments,
+# all heads), merged through index maps. Few large launches: fastest for short and medium N;
+# costs gathered copies, so long sequences use the copy-free strided plan.
+PACKED_MAX_TOKENS = int(os.environ.get("LONGNET_PACKED_MAX_TOKENS", 2**15))  # crossover measured on an H200
+
+
+def use_packed(q: torch.Tensor, causal: bool) -> bool:
+    """Packed plan for causal attention on up to ``PACKED_MAX_TOKENS`` tokens (B x N).
+
+    Its padded rows are harmless only under a causal mask, and its merges use ``index_add_``,
+    which is not deterministic on CUDA (so deterministic mode keeps the strided plan).
+    """
+    if not causal or (q.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return False
+    return q.shape[0] * q.shape[1] <= PACKED_MAX_TOKENS
+
+
+def _packed_maps(pattern, q):
+    """Per branch, r = 1 first: gather indices (pad slots read row 0), scatter indices (pad slots
+    go to the spare row ``M``), the pad mask, and the packed shape ``(S, L)``."""
+    bsz, n, h, _ = q.shape
+    m = bsz * n * h
+    for i, (w, r) in enumerate(sorted(pattern.branches, key=lambda b: b[1] != 1)):
+        flat, shape = packed_index(bsz, n, h, w, r, q.device)
+        pad = flat < 0
+        yield i, r, flat.clamp(min=0), torch.where(pad, m, flat), pad, shape
+
+
+def packed_forward(q, k, v, pattern: DilationPattern, scale: float, kernel):
+    """Causal dilated attention, packed plan: same results as :func:`dilated_forward`."""
+    acc = _accum_dtype(q.dtype)
+    bsz, n, h, d = q.shape
+    m, dv = bsz * n * h, v.shape[-1]
+    first_covers = 1 in pattern.dilation_rates
+    out = (torch.empty if first_covers else torch.zeros)(m + 1, dv, dtype=acc, device=q.device)
+    lse = torch.full((m + 1,), float("-inf"), dtype=acc, device=q.device)
+    qf, kf, vf = q.reshape(m, d), k.reshape(m, d), v.reshape(m, dv)
+    for i, r, gather, scatter, _, (segs, length) in _packed_maps(pattern, q):
+        take = lambda x, width: x.index_select(0, gather).view(segs, length, h, width)  # noqa: E731
+        o_i, lse_i = kernel.forward(take(qf, d), take(kf, d), take(vf, dv), True, scale)
+        o_i, lse_i = o_i.reshape(-1, dv).to(acc), lse_i.transpose(1, 2).reshape(-1).to(acc)
+        if i == 0 and r == 1:
+            out.index_copy_(0, scatter, o_i)
+            lse.index_copy_(0, scatter, lse_i)
+            continue
+        old = lse.index_select(0, scatter)
+        merged = out.index_select(0, scatter).lerp_(o_i, torch.sigmoid(lse_i - old)[:, None])
+        out.index_copy_(0, scatter, merged)
+        lse.index_copy_(0, scatter, torch.logaddexp(old, lse_i))
+    return out[:m].view(bsz, n, h, dv).to(q.dtype), lse[:m].view(bsz, n, h)
+
+
+def packed_backward(dout, q, k, v, out, lse, pattern: DilationPattern, scale: float, kernel):
+    """Gradients for :func:`packed_forward`; pad slots get ``dout = 0`` and ``lse = +inf``, so
+    they receive and send exactly zero gradient."""
+    acc = _accum_dtype(q.dtype)
+    bsz, n, h, d = q.shape
+    m, dv = bsz * n * h, v.shape[-1]
+    grads = [torch.zeros(m + 1, x.shape[-1], dtype=acc, device=q.device) for x in (q, k, v)]
+    flat = [x.reshape(m, x.shape[-1]) for x in (q, k, v, out, dout)]
+    lsef = lse.reshape(m)
+    for _, _, gather, scatter, pad, (segs, length) in _packed_maps(pattern, q):
+        qp, kp, vp, op, dop = (x.index_select(0, gather).view(segs, length, h, x.shape[-1]) for x in flat)
+        dop.masked_fill_(pad.view(segs, length, h, 1), 0)
+        lsep = lsef.index_select(0, gather).masked_fill_(pad, float("inf")).view(segs, length, h).transpose(1, 2)
+        for buf, g in zip(grads, kernel.backward(dop, qp, kp, vp, op, lsep, True, scale)):
+            buf.index_add_(0, scatter, g.reshape(-1, buf.shape[-1]).to(acc))
+    return tuple(g[:m].view(x.shape).to(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
 class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern, causal, scale, kernel):
-        out, lse = dilated_forward(q, k, v, pattern, causal, scale, kernel)
+        packed = use_packed(q, causal)
+        if packed:
+            out, lse = packed_forward(q, k, v, pattern, scale, kernel)
+        else:
+            out, lse = dilated_forward(q, k, v, pattern, causal, scale, kernel)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (pattern, causal, scale, kernel)
+        ctx.args = (pattern, causal, scale, kernel, packed)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        pattern, causal, scale, kernel, packed = ctx.args
         dout = normalize_layout(dout)
-        dq, dk, dv = dilated_backward(dout, q, k, v, out, lse, *ctx.args)
+        if packed:
+            dq, dk, dv = packed_backward(dout, q, k, v, out, lse, pattern, scale, kernel)
+        else:
+            dq, dk, dv = dilated_backward(dout, q, k, v, out, lse, pattern, causal, scale, kernel)
         return dq, dk, dv, None, None, None, None
 
 
@@ -150,6 +229,8 @@ def dilated_attention(
     q, k, v = normalize_layout(q), normalize_layout(k), normalize_layout(v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _DilatedAttentionFn.apply(q, k, v, pattern, causal, scale, kernel)
+    if use_packed(q, causal):
+        return packed_forward(q, k, v, pattern, scale, kernel)[0]
     return dilated_forward(q, k, v, pattern, causal, scale, kernel)[0]
 
 

@@ -8,6 +8,7 @@ head-offset ``o`` are a *strided view* of ``[B, N, H, D]`` (row stride ``r`` pos
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -171,3 +172,25 @@ def normalize_layout(x: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) == 1 and (b == 1 or x.stride(0) == n * x.stride(1)):
         return x
     return x.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def packed_index(bsz: int, n: int, heads: int, w: int, r: int, device: torch.device):
+    """Where each slot of branch ``(w, r)``'s *packed* layout ``[S, L, H]`` reads its row.
+
+    Packed layout: every segment of every batch row (``S = bsz * ceil(N / w)``), ``L =
+    ceil(min(w, N) / r)`` rows, all ``H`` heads; slot ``(s, j, h)`` holds position
+    ``s*w + (h mod r) + j*r`` of head ``h``. Returns flat indices into ``[B*N*H]`` (``-1`` for a
+    slot past its segment or the sequence: always the last rows of a segment, so a causal kernel
+    never lets a real query see them) and ``(S, L)``.
+    """
+    nseg, length = -(-n // w), -(-min(w, n) // r)
+    s = torch.arange(nseg, device=device)[:, None, None]
+    j = torch.arange(length, device=device)[None, :, None]
+    h = torch.arange(heads, device=device)[None, None, :]
+    in_seg = h % r + j * r  # [1, L, H]
+    pos = s * w + in_seg  # [nseg, L, H]
+    flat = torch.where((in_seg < w) & (pos < n), pos * heads + h, -1)
+    b = torch.arange(bsz, device=device)[:, None, None, None] * (n * heads)
+    flat = torch.where(flat >= 0, flat[None] + b, -1)  # [B, nseg, L, H]
+    return flat.reshape(-1), (bsz * nseg, length)
