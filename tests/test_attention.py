@@ -195,3 +195,17 @@ def test_kernel_calls_split_into_small_pieces_still_match(backend, monkeypatch):
     grad = torch.randn_like(ref)
     assert _max_err([out], [ref]) < TOL
     assert _max_err(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)) < TOL
+
+
+def test_backends_name_head_dims_and_dtypes_they_cannot_take():
+    from types import SimpleNamespace
+
+    def fake(d, dtype, device="cuda"):
+        return SimpleNamespace(shape=(1, 8, 2, d), dtype=dtype, device=SimpleNamespace(type=device))
+
+    sdpa, xf = KERNELS["sdpa"], KERNELS["xformers"]
+    assert sdpa.supports(fake(64, torch.bfloat16)) is None
+    assert "head dim 12" in sdpa.supports(fake(12, torch.bfloat16))
+    assert "up to 256" in sdpa.supports(fake(512, torch.float16))
+    assert "float64" in sdpa.supports(fake(64, torch.float64))
+    assert "CUDA devices only" in xf.supports(fake(64, torch.bfloat16, "cpu"))
