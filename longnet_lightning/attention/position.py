@@ -30,6 +30,7 @@ class Rotary(nn.Module):
             raise ValueError(f"head_dim={head_dim}: rotary position encodings need an even head dim")
         self.head_dim, self.theta, self.scale_base = head_dim, theta, xpos_scale_base
         self.gamma, self.anchor_block = xpos_gamma, anchor_block
+        self._cache: tuple | None = None  # (key, tables): one entry, reused across steps
 
     def _tables(self, n: int, start: int, device):
         pos = torch.arange(start, start + n, device=device, dtype=torch.float64)
@@ -61,10 +62,12 @@ class Rotary(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0):
         """``q, k`` ``[B, N, H, D]`` at positions ``start..start+N-1`` → rotated (and scaled)."""
-        cos, sin, decay = self._tables(q.shape[1], start, q.device)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # tables are float64: exact at 1M
-        cos, sin = cos.to(dt), sin.to(dt)
-        decay = None if decay is None else decay.to(dt)
+        key = (q.shape[1], start, q.device, dt)
+        if self._cache is None or self._cache[0] != key:
+            tables = tuple(None if t is None else t.to(dt) for t in self._tables(q.shape[1], start, q.device))
+            self._cache = (key, tables)
+        cos, sin, decay = self._cache[1]
         qr, kr = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         if decay is not None:
             d = torch.cat((decay, decay), dim=-1)[None, :, None, :]
