@@ -24,6 +24,7 @@ _EXPORTS = {
     "PATTERNS": "model",
     "LongNetLM": "lm",
     "LongTextDataModule": "data",
+    "evaluate_perplexity": "evaluation",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -164,3 +164,12 @@ def test_generate_appends_tokens_deterministically():
     assert a.shape == (2, 15) and torch.equal(a, b) and torch.equal(a[:, :9], idx)
     greedy = model.generate(idx, 1, temperature=0)
     assert torch.equal(greedy[:, -1], model(idx)[:, -1].argmax(-1))
+
+
+def test_position_tables_made_under_inference_mode_do_not_break_training():
+    model = LongNet(_tiny())
+    idx = torch.randint(0, 61, (1, 40))
+    with torch.inference_mode():
+        model(idx)  # e.g. trainer.validate before trainer.fit
+    model.loss(idx, idx).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -63,7 +63,8 @@ class Rotary(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0):
         """``q, k`` ``[B, N, H, D]`` at positions ``start..start+N-1`` → rotated (and scaled)."""
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # tables are float64: exact at 1M
-        key = (q.shape[1], start, q.device, dt)
+        # Tables made under inference_mode cannot be saved for backward: key on that mode too.
+        key = (q.shape[1], start, q.device, dt, torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != key:
             tables = tuple(None if t is None else t.to(dt) for t in self._tables(q.shape[1], start, q.device))
             self._cache = (key, tables)

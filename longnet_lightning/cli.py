@@ -1,0 +1,270 @@
+"""The command line: ``python -m longnet_lightning {fit,validate,test,predict} --config ...``.
+
+:class:`LongNetCLI` is a ``LightningCLI`` over :class:`~longnet_lightning.lm.LongNetLM` (or any
+subclass, by ``class_path``) and any ``LightningDataModule`` (default
+:class:`~longnet_lightning.data.LongTextDataModule`). Configs are YAML with OmegaConf ``${...}``
+interpolation. What it adds to LightningCLI:
+
+- the data's ``vocab_size`` and ``seq_len`` are linked into the model (set them once, in ``data``);
+- default callbacks: ``checkpoint`` (a ModelCheckpoint every N steps plus ``last.ckpt``),
+  ``lr_monitor``, ``prediction_writer``; default loggers CSV + TensorBoard (when installed), all
+  under ``<trainer.default_root_dir>/lightning_logs/version_N/`` next to the resolved
+  ``config.yaml``;
+- ``--ckpt_path`` is checked first: a missing file or one that is not a LongNetLM checkpoint is a
+  one-line error, not a traceback. Configuration errors raised while building the data and the
+  model are one-line errors too (set ``LONGNET_DEBUG=1`` to see tracebacks).
+
+Plugins: any ``class_path`` importable from the working directory or ``PYTHONPATH`` works for
+``model`` (a LongNetLM subclass), ``data`` and ``trainer.callbacks``; nothing here must change.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from .lm import CHECKPOINT_MARK, LongNetLM, PredictionWriter
+
+PARSER_MODE = "omegaconf"
+DESCRIPTION = (
+    "LongNet language models with PyTorch Lightning: fit, validate, test, predict "
+    "(configs: --config recipes/<name>.yaml). Long-context perplexity tables: "
+    "`python -m longnet_lightning evaluate --help`."
+)
+DEBUG_ENV = "LONGNET_DEBUG"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# LongNetLM settings that define the weights: with --ckpt_path they come from the checkpoint.
+ARCHITECTURE_KEYS = ("model", "attention", "pattern", "segment_lengths", "dilation_rates", "position", "overrides")
+_LM_DEFAULTS = {k: p.default for k, p in inspect.signature(LongNetLM.__init__).parameters.items()}
+
+
+class CLIError(Exception):
+    """A user error the CLI reports as one line (no traceback)."""
+
+
+class LRMonitor(LearningRateMonitor):
+    """LearningRateMonitor that stays silent (instead of failing) when the Trainer has no logger."""
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        self._silent = not trainer.loggers
+        if not self._silent:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if not getattr(self, "_silent", True):
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if not getattr(self, "_silent", True):
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+def read_checkpoint(path: str | os.PathLike, setting: str = "ckpt_path") -> dict:
+    """Load a LongNetLM checkpoint on the CPU (memory-mapped); CLIError if it is not one."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"{setting}={str(path)!r} does not exist (cwd: {os.getcwd()}); give the path of a .ckpt file")
+    if not p.is_file():
+        raise CLIError(f"{setting}={str(path)!r} is a directory; give the path of a .ckpt file inside it")
+    ckpt = None
+    for kw in ({"mmap": True}, {}):
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, **kw)
+            break
+        except Exception as e:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
+            err = e
+    if ckpt is None:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CLIError(f"{setting}={str(path)!r} is not a readable PyTorch checkpoint ({type(err).__name__}: {first})")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+        raise CLIError(f"{setting}={str(path)!r} is not a Lightning checkpoint (no state_dict / version keys)")
+    if CHECKPOINT_MARK not in ckpt:
+        raise CLIError(
+            f"{setting}={str(path)!r} is a Lightning checkpoint but not one of a LongNetLM "
+            "(it was not saved by longnet_lightning); train with `python -m longnet_lightning fit`"
+        )
+    return ckpt
+
+
+class LongNetCLI(LightningCLI):
+    """LightningCLI for LongNet language models (see the module docstring).
+
+    Every keyword of ``LightningCLI`` can be overridden; ``args`` works as there (a list of
+    command-line words, or a dict).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", LongNetLM)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 1234)
+        kwargs.setdefault("auto_configure_optimizers", False)  # LongNetLM configures AdamW + schedule itself
+        mode = {"parser_mode": PARSER_MODE}
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        for key in (None, *SUBCOMMANDS):  # subcommand parsers do not inherit the parser mode
+            if key is None:
+                parser_kwargs = {**mode, "prog": "python -m longnet_lightning", "description": DESCRIPTION,
+                                 **parser_kwargs}
+            else:
+                parser_kwargs[key] = {**mode, **parser_kwargs.get(key, {})}
+        kwargs["parser_kwargs"] = parser_kwargs
+        self._ckpt_hparams: dict | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except CLIError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            cause = e
+            while cause is not None and not isinstance(cause, CLIError):  # raised inside a link
+                cause = cause.__cause__
+            if cause is not None:
+                raise cause from None
+            if os.environ.get(DEBUG_ENV):
+                raise
+            raise CLIError(f"{e}  (set {DEBUG_ENV}=1 for the traceback)") from e
+
+    # ------------------------------------------------------------------ parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({
+            "model": {"class_path": "longnet_lightning.lm.LongNetLM"},
+            "data": {"class_path": "longnet_lightning.data.LongTextDataModule"},
+        })
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.every_n_train_steps": 1000,
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": -1,
+        })
+        parser.add_lightning_class_args(LRMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=self._vocab_from_data,
+                              apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.seq_len", compute_fn=self._seq_len_from_data,
+                              apply_on="instantiate")
+
+    def _seq_len_from_data(self, data: Any) -> int | None:
+        """The data module's seq_len, else the checkpoint's (e.g. for prompts)."""
+        seq_len = getattr(data, "seq_len", None)
+        if seq_len is None:
+            return (self._ckpt_hparams or {}).get("seq_len")
+        return int(seq_len)
+
+    def _vocab_from_data(self, data: Any) -> int | None:
+        """The data module's vocab_size; a checkpoint's when the data has none; an error if they differ."""
+        vocab = getattr(data, "vocab_size", None)
+        saved = (self._ckpt_hparams or {}).get("vocab_size")
+        if vocab is not None and saved is not None and int(vocab) != int(saved):
+            raise CLIError(
+                f"the data's vocab_size={vocab} differs from the checkpoint's vocab_size={saved}; "
+                "use the tokenizer the checkpoint was trained with (data.tokenizer)"
+            )
+        return saved if vocab is None else int(vocab)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path``; take the model's architecture (and class) from the checkpoint.
+
+        Unlike plain LightningCLI, only the settings that define the weights
+        (:data:`ARCHITECTURE_KEYS`) come from the checkpoint; optimizer, generation and other
+        settings stay as configured, so e.g. ``predict --model.max_new_tokens 50`` works.
+        """
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
+            return
+        ckpt = read_checkpoint(ckpt_path)
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        del ckpt
+        hparams.pop("_instantiator", None)
+        self._ckpt_hparams = hparams
+        if not hparams:
+            return
+        model_cfg = self.config[sub].get("model")
+        init = model_cfg.get("init_args") if model_cfg is not None else None
+        update: dict[str, Any] = {}
+        for key in ARCHITECTURE_KEYS:
+            if key not in hparams:
+                continue
+            given = init.get(key) if init is not None else None
+            if given is not None and given != hparams[key] and given != _LM_DEFAULTS.get(key):
+                rank_zero_warn(f"model.{key}={given!r} is ignored: the checkpoint's {key}={hparams[key]!r} is used")
+            update[key] = hparams[key]
+        class_path = hparams.get("_class_path")
+        model_update: dict[str, Any] = {"init_args": update}
+        if class_path is not None:
+            model_update["class_path"] = class_path
+        try:
+            self.config = self.parser.parse_object({sub: {"model": model_update}}, self.config)
+        except SystemExit:
+            raise CLIError(f"the model hyperparameters stored in ckpt_path={ckpt_path!r} do not parse") from None
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # prompts in, text out
+            parser.set_defaults({"data": {"class_path": "longnet_lightning.lm.PromptDataModule"}})
+        return parser
+
+    # ------------------------------------------------------------------ trainer
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = default_loggers(trainer_cfg.get("default_root_dir"))
+        return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except CLIError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            raise CLIError(f"{e}  (set {DEBUG_ENV}=1 for the traceback)") from e
+
+
+def default_loggers(root_dir: str | os.PathLike | None = None) -> list:
+    """CSVLogger, plus a TensorBoardLogger in the same ``version_N/tb`` when tensorboard is installed."""
+    root = os.fspath(root_dir) if root_dir is not None else os.getcwd()
+    csv = CSVLogger(root, name="lightning_logs")
+    loggers = [csv]
+    try:
+        import tensorboard  # noqa: F401
+
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(root, name="lightning_logs", version=csv.version, sub_dir="tb",
+                                         default_hp_metric=False))
+    except ImportError:
+        pass
+    return loggers
+
+
+def cli_main(args: list[str] | dict | None = None, **kwargs: Any) -> LongNetCLI:
+    """Run the CLI; a :class:`CLIError` becomes ``error: <message>`` on stderr and exit status 2."""
+    # jsonargparse's deprecation notices concern Lightning's own calls, not the user's config
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    try:
+        return LongNetCLI(args=args, **kwargs)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+__all__ = ["CLIError", "LRMonitor", "LongNetCLI", "cli_main", "default_loggers", "read_checkpoint"]

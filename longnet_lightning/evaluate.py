@@ -1,0 +1,594 @@
+"""``python -m longnet_lightning evaluate``: how well do checkpoints predict long text, by context length?
+
+Example (a LongNet and its dense baseline, on the held-out test split they were trained on)::
+
+    python -m longnet_lightning evaluate \\
+        --ckpt_path runs/longnet/checkpoints/last.ckpt runs/dense/checkpoints/last.ckpt \\
+        --names "LongNet 8K" "Transformer 2K" --context_lengths 2K 8K 32K
+
+    python -m longnet_lightning evaluate --ckpt_path model.ckpt --data book.txt papers/ more.jsonl \\
+        --context_lengths 2048 8192 32768 --stride 1024
+
+For every checkpoint and context length: perplexity, mean NLL and bits per byte over the same
+scored tokens (protocol in :mod:`longnet_lightning.evaluation.windows`), and the mean NLL by
+position in the window in log-spaced buckets. Written to ``--out_dir``: ``results.json``,
+``table.md`` (rows: models, columns: context lengths), ``loss_by_position.csv`` and
+``loss_by_position.png``; the tables are printed at the end.
+
+Data: ``--data`` takes files, folders (recursive), globs and JSON Lines (``--text_field``), or
+``stdlib`` for the built-in corpus; each checkpoint tokenises it with its own tokenizer. Without
+``--data`` the data the first checkpoint was trained on is used (its saved data-module settings),
+restricted to its held-out test split. ``--split`` picks a split of any data by the data
+module's document hash. Bad input (not our checkpoint, a context length the model cannot take,
+text too short) is one ``error:`` line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import os
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .evaluation.perplexity import PRECISIONS, EvaluationError, evaluate_perplexity, max_context_length
+from .evaluation.report import context_label, table, write_report
+from .evaluation.windows import bucket_edges
+
+DEBUG_ENV = "LONGNET_DEBUG"
+SPLITS = ("all", "train", "val", "test")
+STDLIB = "stdlib"
+# Data-module defaults (LongTextDataModule) for splits of data no checkpoint describes.
+DEFAULT_SPLIT = {"val_fraction": 0.05, "test_fraction": 0.05, "seed": 1234}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _length(text: str) -> int:
+    """A token count: 8192, 8K / 8k (x1024) or 1M (x1048576)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (examples: 2048, 8K, 1M)")
+    value = int(m.group(1)) * {"": 1, "k": 1024, "m": 2**20}[m.group(2).lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 token")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m longnet_lightning evaluate",
+        description="Perplexity, mean NLL and bits per byte of checkpoints at several context lengths, "
+        "and the loss by position in the context (table, CSV, PNG).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("models")
+    m.add_argument("--ckpt_path", nargs="+", required=True, metavar="CKPT",
+                   help="one or more LongNetLM checkpoints (rows of the table)")
+    m.add_argument("--names", nargs="+", metavar="NAME",
+                   help="a display name per checkpoint (default: e.g. 'LongNet 8K', 'Transformer 2K')")
+    m.add_argument("--tokenizer", metavar="SPEC",
+                   help="only for checkpoints that store no tokenizer: 'byte' or a tokenizer.json path")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", metavar="PATH",
+                   help="files, folders (recursive), globs or .jsonl files; 'stdlib' = the built-in corpus. "
+                   "Default: the data the first checkpoint was trained on, test split")
+    d.add_argument("--format", choices=("auto", "text", "jsonl"), help="how to read --data (default auto: "
+                   ".jsonl files are JSON Lines)")
+    d.add_argument("--text_field", help="JSON Lines field holding the text (default text)")
+    d.add_argument("--errors", choices=("strict", "replace"), help="bytes that are not UTF-8: an error "
+                   "(strict, default) or U+FFFD (replace)")
+    d.add_argument("--split", choices=SPLITS,
+                   help="keep only the documents the data module puts in this split (by a hash of their name); "
+                   "default: test without --data, all with it")
+    d.add_argument("--val_fraction", type=_fraction, help="split setting (default: the checkpoint's, else 0.05)")
+    d.add_argument("--test_fraction", type=_fraction, help="split setting (default: the checkpoint's, else 0.05)")
+    d.add_argument("--split_seed", type=int, help="split setting (default: the checkpoint's, else 1234)")
+    d.add_argument("--pack", action="store_true",
+                   help="join the documents, each followed by EOS, into one sequence (as packed training); "
+                   "default: each document alone")
+    d.add_argument("--max_tokens", type=_positive,
+                   help="read only the first N tokens of the data (documents in order, the last one cut); "
+                   "how many of how many is reported")
+    d.add_argument("--cache_dir", help="token cache folder (default: the checkpoint's when its data is used, "
+                   "else $LONGNET_CACHE or ~/.cache/longnet_lightning)")
+    e = p.add_argument_group("protocol")
+    e.add_argument("--context_lengths", nargs="+", type=_length, metavar="C",
+                   help="window sizes in tokens, e.g. 2048 8K 32K (default: the checkpoints' training lengths)")
+    e.add_argument("--stride", type=_length,
+                   help="score only the last STRIDE targets of each window after the first (sliding windows; "
+                   "must not exceed any context length); default: the context length = non-overlapping windows")
+    e.add_argument("--buckets_per_doubling", type=_positive, default=1,
+                   help="log-spaced position buckets per doubling of the position (1: 1, 2, 3-4, 5-8, ...)")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    r.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on CUDA, float32 on CPU (the NLL is always summed in float64)")
+    r.add_argument("--batch_size", type=_positive,
+                   help="windows per forward pass (default: batch_tokens // context length, at least 1)")
+    r.add_argument("--batch_tokens", type=_positive, default=16384, help="tokens per forward pass for the default "
+                   "batch size")
+    r.add_argument("--out_dir", help="where to write results.json, table.md, loss_by_position.{csv,png} "
+                   "(default eval/<date-time>)")
+    r.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A LongNetLM checkpoint read for evaluation (weights memory-mapped until the model is built)."""
+
+    path: str
+    raw: dict
+    hparams: dict
+    config: Any  # LongNetConfig
+    tokenizer: Any  # Tokenizer
+    limit: int | None
+    limit_reason: str
+
+    @property
+    def train_seq_len(self) -> int | None:
+        v = self.hparams.get("seq_len")
+        return int(v) if v else None
+
+    @property
+    def data_settings(self) -> dict | None:
+        """The LongTextDataModule settings saved with the checkpoint (None if absent)."""
+        dm = self.raw.get("datamodule_hyper_parameters")
+        if not isinstance(dm, dict) or "data_path" not in dm:
+            return None
+        return dict(dm)
+
+    def default_name(self) -> str:
+        kind = "LongNet" if self.config.attention == "dilated" else "Transformer"
+        return f"{kind} {context_label(self.train_seq_len)}" if self.train_seq_len else kind
+
+    def info(self) -> dict:
+        cfg = self.config
+        out = {
+            "checkpoint": os.path.abspath(self.path),
+            "attention": cfg.attention,
+            "position": cfg.position,
+            "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+            "params": cfg.num_params(),
+            "vocab_size": cfg.vocab_size,
+            "train_seq_len": self.train_seq_len,
+            "global_step": self.raw.get("global_step"),
+            "tokens_seen": self.raw.get("tokens_seen"),
+            "tokenizer": self.tokenizer.spec().get("kind"),
+            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+        }
+        if cfg.attention == "dilated":
+            out["segment_lengths"], out["dilation_rates"] = list(cfg.segment_lengths), list(cfg.dilation_rates)
+        if self.limit is not None:
+            out["max_context_length"] = self.limit
+        return out
+
+    def build(self, device: torch.device):
+        """The LongNet with the checkpoint's weights, on ``device``, in eval mode."""
+        from .model import LongNet
+
+        net = LongNet(self.config)
+        prefix = "model."
+        weights = {k[len(prefix):]: v for k, v in self.raw["state_dict"].items() if k.startswith(prefix)}
+        try:
+            net.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise EvaluationError(
+                f"ckpt_path={self.path!r}: its weights do not fit the LongNet its hyperparameters describe ({first}); "
+                "a LongNetLM subclass with other modules can be evaluated from Python with "
+                "longnet_lightning.evaluation.evaluate_perplexity(model, ...)"
+            ) from None
+        return net.to(device).eval()
+
+
+def read_model_checkpoint(path: str, tokenizer_override: str | None = None) -> Checkpoint:
+    """Read and check a LongNetLM checkpoint without building its weights (EvaluationError if unusable)."""
+    from .cli import CLIError, read_checkpoint
+    from .data.tokenizers import build_tokenizer, load_tokenizer
+    from .lm import LongNetLM
+    from .model import LongNet
+
+    try:
+        raw = read_checkpoint(path)
+    except CLIError as e:
+        raise EvaluationError(str(e)) from None
+    hp = {k: v for k, v in dict(raw.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    accepted = set(inspect.signature(LongNetLM.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in hp.items() if k in accepted}
+    vocab = kwargs.pop("vocab_size", None)
+    if not vocab:
+        raise EvaluationError(f"ckpt_path={path!r} stores no vocab_size in its hyperparameters; it cannot be rebuilt.")
+    try:
+        config = LongNetLM(**kwargs).model_config(vocab_size=int(vocab))
+    except (TypeError, ValueError) as e:
+        raise EvaluationError(f"ckpt_path={path!r}: its model hyperparameters do not describe a LongNet ({e}).") from None
+    spec = raw.get("tokenizer_spec")
+    if tokenizer_override:
+        tokenizer = build_tokenizer(tokenizer_override)
+    elif spec:
+        tokenizer = load_tokenizer(spec)
+    else:
+        raise EvaluationError(
+            f"ckpt_path={path!r} stores no tokenizer (it was not trained on a LongTextDataModule); "
+            "pass --tokenizer byte or --tokenizer path/to/tokenizer.json (the one it was trained with)."
+        )
+    if tokenizer.vocab_size > config.vocab_size:
+        raise EvaluationError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model of ckpt_path={path!r} only "
+            f"{config.vocab_size}: use the tokenizer the checkpoint was trained with."
+        )
+    with torch.device("meta"):  # the limits of this architecture, without allocating its weights
+        limit, why = max_context_length(LongNet(config))
+    return Checkpoint(str(path), raw, hp, config, tokenizer, limit, why)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalData:
+    """Tokenised documents for one tokenizer, and what they are."""
+
+    docs: list  # 1-D integer arrays (memmap views)
+    token_bytes: np.ndarray
+    description: str
+    documents_available: int
+    tokens_available: int
+    cap: dict | None  # what --max_tokens cut, or None
+
+
+def data_source(args: argparse.Namespace, first: Checkpoint) -> dict:
+    """Paths, reading settings and split to evaluate on, from the arguments or the first checkpoint."""
+    saved = first.data_settings
+    if args.data is None:
+        if saved is None:
+            raise EvaluationError(
+                f"no --data given and ckpt_path={first.path!r} stores no data-module settings to take it from; "
+                "give --data with files, folders, globs or .jsonl files (or 'stdlib' for the built-in corpus)."
+            )
+        paths = saved.get("data_path")
+        origin = "the data the first checkpoint was trained on"
+        split = args.split or "test"
+    else:
+        paths = None if args.data == [STDLIB] else list(args.data)
+        origin = None
+        split = args.split or "all"
+    base = saved if (saved is not None and (args.data is None or args.split)) else {}
+    fractions = {
+        "val_fraction": args.val_fraction if args.val_fraction is not None else base.get("val_fraction", 0.05),
+        "test_fraction": args.test_fraction if args.test_fraction is not None else base.get("test_fraction", 0.05),
+        "seed": args.split_seed if args.split_seed is not None else base.get("seed", 1234),
+    }
+    reading = saved if args.data is None else {}
+    if args.data is not None and split == "all" and saved is not None and _same_paths(paths, saved.get("data_path")):
+        _log("note: --data is the data the first checkpoint was trained on, and --split all keeps its training "
+             "documents too; use --split test (or leave out --data) to score only its held-out documents")
+    return {
+        "paths": paths,
+        "format": args.format or reading.get("format", "auto"),
+        "text_field": args.text_field or reading.get("text_field", "text"),
+        "errors": args.errors or reading.get("errors", "strict"),
+        "split": split,
+        "origin": origin,
+        "cache_dir": args.cache_dir or reading.get("cache_dir"),  # the training run's token cache, if any
+        **fractions,
+    }
+
+
+def _same_paths(a, b) -> bool:
+    """Whether two data_path values name the same inputs (None = the built-in corpus)."""
+    norm = lambda p: None if p is None else sorted(os.path.abspath(os.path.expanduser(x))  # noqa: E731
+                                                   for x in ([p] if isinstance(p, str) else p))
+    return norm(a) == norm(b)
+
+
+def _describe_paths(paths) -> str:
+    if paths is None:
+        return "the Python standard library corpus"
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    shown = ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+    return shown
+
+
+def load_documents(source: dict, tokenizer, pack: bool, max_tokens: int | None, cache_dir: str | None) -> EvalData:
+    """Tokenise (through the token cache) and pick the split's documents; apply --pack and --max_tokens."""
+    from .data.cache import Corpus, SplitSpec, build_token_cache
+
+    corpus = Corpus.from_paths(source["paths"], format=source["format"], text_field=source["text_field"],
+                               errors=source["errors"])
+    if source["split"] == "all":
+        spec, split_name = SplitSpec(0.0, 0.0, source["seed"]), "train"
+        which = "all documents"
+    else:
+        spec = SplitSpec(source["val_fraction"], source["test_fraction"], source["seed"])
+        split_name = source["split"]
+        frac = 1 - spec.val_fraction - spec.test_fraction if split_name == "train" else getattr(spec, f"{split_name}_fraction")
+        if frac == 0:
+            raise EvaluationError(f"--split {split_name}: its fraction is 0, so it holds no document; "
+                                  f"set --{split_name}_fraction or use --split all.")
+        which = (f"the {split_name} split ({frac:.0%} of documents by a hash of their names, seed {spec.seed}, "
+                 f"val_fraction {spec.val_fraction}, test_fraction {spec.test_fraction})")
+    cache = build_token_cache(corpus, tokenizer, spec, cache_dir)
+    split = cache.split(split_name)
+    tokens = split.tokens()
+    if pack:
+        docs = [tokens] if split.n_tokens else []
+    else:
+        docs = [tokens[o:o + n] for o, n in zip(split.offsets.tolist(), split.lengths.tolist())]
+    n_docs, n_tokens = len(split.names), int(sum(len(d) for d in docs))
+    longest = max((len(d) for d in docs), default=0)
+    cap = None
+    if max_tokens is not None and n_tokens > max_tokens:
+        kept, left = [], max_tokens
+        for d in docs:
+            if left <= 0:
+                break
+            kept.append(d[:left])
+            left -= len(kept[-1])
+        cap = {"max_tokens": max_tokens, "tokens_used": int(sum(len(d) for d in kept)),
+               "tokens_available": n_tokens, "documents_used": len(kept), "documents_available": len(docs)}
+        docs = kept
+    origin = source.get("origin")
+    what = _describe_paths(source["paths"])
+    desc = f"{which} of {what}" + (f" ({origin})" if origin else "")
+    desc += f": {n_docs} documents, {n_tokens:,} tokens" + (" joined with EOS into one sequence" if pack else "")
+    if not pack:
+        desc += f" (longest {longest:,})"
+    return EvalData(docs, tokenizer.token_bytes(), desc, n_docs, n_tokens, cap)
+
+
+def check_lengths(data: EvalData, contexts: list[int], pack: bool) -> None:
+    """EvaluationError when no document can fill even the shortest window."""
+    lengths = [len(d) for d in data.docs]
+    longest = max(lengths, default=0)
+    shortest = min(contexts)
+    if longest < 2:
+        raise EvaluationError(f"the data holds no document of 2 or more tokens ({data.description}): nothing to score.")
+    if longest < shortest + 1:
+        fixes = [f"use --context_lengths of at most {longest - 1}", "give longer text"]
+        if data.cap:
+            fixes.append(f"raise --max_tokens (now {data.cap['max_tokens']})")
+        if not pack and sum(lengths) >= shortest + 1:
+            fixes.append("or --pack to join the documents into one sequence")
+        raise EvaluationError(
+            f"the text is shorter than the shortest context length {shortest}: the longest document has "
+            f"{longest} tokens, so no window of {shortest} tokens can be filled ({data.description}); "
+            + ", ".join(fixes) + "."
+        )
+
+
+# ----------------------------------------------------------------------------- protocol text
+
+
+def protocol_description(stride: int | None, pack: bool) -> str:
+    seq = "the packed sequence" if pack else "each document (windows never cross documents)"
+    targets = ("every token but the first is a target" if pack else
+               "every token but a document's first is a target")
+    if stride is None:
+        how = (f"non-overlapping windows of c tokens (c = the column's context length) over {seq}; "
+               "a target is predicted from the tokens before it in its window (1 to c of them); "
+               "the last window is aligned to the end and scores only targets not scored yet")
+    else:
+        how = (f"sliding windows of c tokens over {seq}, moving {stride} tokens at a time: the first window "
+               f"scores all its targets, each later one only its last {stride}, so every later target has at "
+               f"least c - {stride} tokens of context; the last window is aligned to the end")
+    return (f"{targets}, scored exactly once at every context length, so every column averages the same "
+            f"targets; {how}. A document with fewer than c + 1 tokens is one shorter window (counted below). "
+            "Perplexity = exp(mean NLL); bits per byte = total NLL / ln 2 / UTF-8 bytes of the scored targets. "
+            "Loss by position: mean NLL of the targets predicted from p tokens of context, p in log-spaced buckets.")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise EvaluationError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvaluationError(f"--device {spec} but no CUDA GPU is visible; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvaluationError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    return device
+
+
+def _names(args: argparse.Namespace, ckpts: list[Checkpoint]) -> list[str]:
+    if args.names is not None:
+        if len(args.names) != len(ckpts):
+            raise EvaluationError(f"--names gives {len(args.names)} names for {len(ckpts)} checkpoints; give one each.")
+        if len(set(args.names)) != len(args.names):
+            raise EvaluationError(f"--names {args.names} repeats a name; give each checkpoint its own.")
+        return list(args.names)
+    names, seen = [], {}
+    for c in ckpts:
+        base = c.default_name()
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base} ({seen[base]})")
+    return names
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Evaluate; returns the report dict (also written to --out_dir)."""
+    device = _device(args.device)
+    ckpts = [read_model_checkpoint(p, args.tokenizer) for p in args.ckpt_path]
+    names = _names(args, ckpts)
+    contexts = args.context_lengths
+    if contexts is None:
+        contexts = sorted({c.train_seq_len for c in ckpts if c.train_seq_len})
+        if not contexts:
+            raise EvaluationError("the checkpoints store no training length; give --context_lengths, e.g. 2048 8192.")
+    contexts = sorted(set(contexts))
+    if args.stride is not None and args.stride > contexts[0]:
+        raise EvaluationError(
+            f"--stride {args.stride} is longer than the context length {contexts[0]}; "
+            f"use a stride of at most {contexts[0]} (or drop --stride for non-overlapping windows)."
+        )
+    for name, c in zip(names, ckpts):  # every model must take every context length, checked before any work
+        too_long = [n for n in contexts if c.limit is not None and n > c.limit]
+        if too_long:
+            raise EvaluationError(
+                f"{name} ({c.path}) cannot take context length(s) {too_long}: {c.limit_reason} works up to "
+                f"{c.limit} positions; use --context_lengths of at most {c.limit} for it."
+            )
+    source = data_source(args, ckpts[0])
+    data_by_tokenizer: dict[str, EvalData] = {}
+    for c in ckpts:
+        fp = c.tokenizer.fingerprint()
+        if fp not in data_by_tokenizer:
+            try:
+                data = load_documents(source, c.tokenizer, args.pack, args.max_tokens, source["cache_dir"])
+            except EvaluationError:
+                raise
+            except (FileNotFoundError, ValueError) as e:  # the data module's messages name the problem and fix
+                where = "--data" if args.data is not None else f"the training data stored in {ckpts[0].path}"
+                raise EvaluationError(f"{where}: {e}") from e
+            check_lengths(data, contexts, args.pack)
+            data_by_tokenizer[fp] = data
+    first = data_by_tokenizer[ckpts[0].tokenizer.fingerprint()]
+    _log(f"data: {first.description}")
+    if first.cap:
+        cap = first.cap
+        _log(f"--max_tokens {cap['max_tokens']:,}: reading {cap['tokens_used']:,} of {cap['tokens_available']:,} "
+             f"tokens ({cap['documents_used']} of {cap['documents_available']} documents, the last one cut)")
+    lengths = np.asarray([len(d) for d in first.docs])
+    for n in contexts:
+        short = int(((lengths >= 2) & (lengths < n + 1)).sum())
+        if short:
+            _log(f"context {context_label(n)}: {short} of {int((lengths >= 2).sum())} documents have fewer than "
+                 f"{n + 1:,} tokens; each is scored as one shorter window")
+    if len(data_by_tokenizer) > 1:
+        _log("note: the checkpoints use different tokenizers; compare them by bits per byte, not perplexity")
+
+    edges = bucket_edges(max(contexts), args.buckets_per_doubling)
+    models = []
+    for name, c in zip(names, ckpts):
+        data = data_by_tokenizer[c.tokenizer.fingerprint()]
+        net = c.build(device)
+        c.raw = {k: v for k, v in c.raw.items() if k != "state_dict"}  # drop the mapped weights
+        results = []
+        for n in contexts:
+            res = evaluate_perplexity(
+                net, data.docs, n, args.stride, token_bytes=data.token_bytes, batch_size=args.batch_size,
+                batch_tokens=args.batch_tokens, precision=args.precision, progress=not args.no_progress,
+                desc=f"{name} @ {context_label(n)}",
+            )
+            bpb = f"  bits/byte {res.bits_per_byte:.4f}" if res.bits_per_byte is not None else ""
+            _log(f"{name} @ {context_label(n)}: perplexity {res.perplexity:.4f}  mean NLL {res.mean_nll:.4f}{bpb}  "
+                 f"({res.tokens:,} targets, {res.windows:,} windows, {res.seconds:.1f} s)")
+            results.append({**res.summary(), "buckets": res.buckets(edges)})
+        info = c.info()
+        models.append({"name": name, **info, "precision": _precision_used(args.precision, device),
+                       "cap": data.cap, "results": results})
+        del net
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "command": "python -m longnet_lightning evaluate " + shlex.join(argv),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "torch": torch.__version__,
+        "protocol": {
+            "description": protocol_description(args.stride, args.pack),
+            "stride": args.stride,
+            "pack_documents": args.pack,
+            "position": "tokens of context the target is predicted from, 1..context_length",
+            "bucket_upper_edges": edges.tolist(),
+        },
+        "data": {
+            "description": first.description,
+            "paths": source["paths"],
+            "split": source["split"],
+            "split_settings": {k: source[k] for k in ("val_fraction", "test_fraction", "seed")},
+            "documents": first.documents_available,
+            "tokens": first.tokens_available,
+            "max_tokens": args.max_tokens,
+        },
+        "context_lengths": contexts,
+        "models": models,
+    }
+
+
+def _precision_used(precision: str, device: torch.device) -> str:
+    from .evaluation.perplexity import resolve_precision
+
+    return resolve_precision(precision, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m longnet_lightning evaluate``; returns the exit status (2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        out_dir = Path(args.out_dir or Path("eval") / time.strftime("%Y%m%d-%H%M%S"))
+        if out_dir.exists() and not out_dir.is_dir():
+            raise EvaluationError(f"--out_dir {str(out_dir)!r} is a file; give a folder.")
+        report = run(args, argv)
+        paths = write_report(report, out_dir)
+    except (EvaluationError, FileNotFoundError, ValueError) as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        msg = str(e).strip() or type(e).__name__
+        hint = "" if isinstance(e, EvaluationError) else f"  (set {DEBUG_ENV}=1 for the traceback)"
+        print(f"error: {msg}{hint}", file=sys.stderr)
+        return 2
+    print()
+    print("Perplexity:")
+    print(table(report, "perplexity", 3))
+    if any(r.get("bits_per_byte") is not None for m in report["models"] for r in m["results"]):
+        print()
+        print("Bits per byte:")
+        print(table(report, "bits_per_byte", 4))
+    print()
+    for key in ("table", "csv", "png", "json"):
+        print(f"wrote {paths[key]}")
+    return 0
+
+
+__all__ = ["build_parser", "main", "read_model_checkpoint", "run"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Everything written from one evaluation report: tables (Markdown), loss-by-position CSV and PNG.
+
+All outputs are rendered from one JSON-ready ``report`` dict (the content of ``results.json``),
+so the table, the CSV and the plot cannot disagree with it::
+
+    {"protocol": {...}, "data": {...}, "context_lengths": [2048, 8192],
+     "models": [{"name": ..., "results": [{"context_length": 2048, "perplexity": ..., "mean_nll": ...,
+                                           "bits_per_byte": ..., "tokens": ..., "buckets": [...]}]}]}
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+CSV_FIELDS = ("model", "context_length", "bucket_start", "bucket_end", "mean_nll", "count")
+FILES = {"json": "results.json", "table": "table.md", "csv": "loss_by_position.csv", "png": "loss_by_position.png"}
+
+
+def context_label(c: int) -> str:
+    """2048 → '2K', 1048576 → '1M', 3000 → '3000'."""
+    if c >= 2**20 and c % 2**20 == 0:
+        return f"{c // 2**20}M"
+    if c >= 1024 and c % 1024 == 0:
+        return f"{c // 1024}K"
+    return str(c)
+
+
+def _cell(value, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _by_context(model: dict) -> dict[int, dict]:
+    return {r["context_length"]: r for r in model["results"]}
+
+
+def table(report: dict, metric: str, digits: int) -> str:
+    """One Markdown table in the shape of the paper's Table 2: rows models, columns context lengths."""
+    contexts = report["context_lengths"]
+    head = "| Model | Trained at | " + " | ".join(context_label(c) for c in contexts) + " |"
+    rule = "|---|---|" + "---|" * len(contexts)
+    lines = [head, rule]
+    for m in report["models"]:
+        res = _by_context(m)
+        trained = m.get("train_seq_len")
+        cells = [_cell(res[c][metric] if c in res else None, digits) for c in contexts]
+        lines.append(f"| {m['name']} | {context_label(trained) if trained else '?'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def notes(report: dict) -> list[str]:
+    """The protocol and what was scored, as Markdown bullet lines."""
+    out = [f"- Protocol: {report['protocol']['description']}"]
+    data = report["data"]
+    out.append(f"- Data: {data['description']}")
+    for m in report["models"]:
+        res = m["results"]
+        if not res:
+            continue
+        r0 = res[0]
+        scored = f"{r0['tokens']:,} targets ({r0['bytes']:,} bytes)" if r0.get("bytes") else f"{r0['tokens']:,} targets"
+        line = f"- {m['name']}: every column scores the same {scored} of {r0['documents']} documents"
+        cap = m.get("cap")
+        if cap:
+            line += (f"; capped by --max_tokens {cap['max_tokens']:,}: {cap['tokens_used']:,} of "
+                     f"{cap['tokens_available']:,} tokens read ({cap['documents_used']} of "
+                     f"{cap['documents_available']} documents, the last one cut)")
+        out.append(line + ".")
+        for r in res:
+            if r["short_documents"]:
+                c = r["context_length"]
+                msg = (f"  - context {context_label(c)}: {r['short_documents']} of {r['documents']} documents have "
+                       f"fewer than {c + 1:,} tokens and are scored as one shorter window")
+                if r["longest_document"] < c + 1:
+                    msg += (f"; the longest has {r['longest_document']:,} tokens, so this column sees at most "
+                            f"{r['longest_document'] - 1:,} tokens of context")
+                out.append(msg + ".")
+    return out
+
+
+def markdown(report: dict) -> str:
+    """table.md: perplexity, bits per byte and mean NLL tables, then the notes."""
+    parts = [
+        "# Perplexity by context length",
+        "",
+        "Perplexity (lower is better):",
+        "",
+        table(report, "perplexity", 3),
+        "",
+    ]
+    if any(r.get("bits_per_byte") is not None for m in report["models"] for r in m["results"]):
+        parts += ["Bits per byte (comparable across tokenizers):", "", table(report, "bits_per_byte", 4), ""]
+    parts += ["Mean NLL (nats per token):", "", table(report, "mean_nll", 4), "", *notes(report), ""]
+    if report.get("command"):
+        parts += ["Command:", "", "```", report["command"], "```", ""]
+    return "\n".join(parts)
+
+
+def csv_rows(report: dict) -> list[dict]:
+    """Rows of loss_by_position.csv: one per (model, context length, position bucket)."""
+    rows = []
+    for m in report["models"]:
+        for r in m["results"]:
+            for b in r["buckets"]:
+                rows.append({
+                    "model": m["name"], "context_length": r["context_length"], "bucket_start": b["start"],
+                    "bucket_end": b["end"], "mean_nll": b["mean_nll"], "count": b["count"],
+                })
+    return rows
+
+
+def write_csv(report: dict, path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for row in csv_rows(report):
+            w.writerow({**row, "mean_nll": repr(float(row["mean_nll"]))})
+
+
+def plot(report: dict, path: Path) -> list[dict]:
+    """loss_by_position.png: mean NLL against position (log scale), one line per (model, context).
+
+    Colour = model, line style and marker = context length. Returns the plotted series
+    (model, context_length, points), which are also stored in the PNG's "Description" text.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    colors = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P")]
+    contexts = report["context_lengths"]
+    fig = Figure(figsize=(8.5, 5.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    series = []
+    for mi, m in enumerate(report["models"]):
+        for r in m["results"]:
+            b = r["buckets"]
+            if not b:
+                continue
+            ci = contexts.index(r["context_length"]) if r["context_length"] in contexts else 0
+            ls, marker = styles[ci % len(styles)]
+            xs = [math.sqrt(x["start"] * x["end"]) for x in b]
+            ys = [x["mean_nll"] for x in b]
+            ax.plot(xs, ys, linestyle=ls, marker=marker, markersize=4, color=colors[mi % len(colors)],
+                    label=f"{m['name']} @ {context_label(r['context_length'])}")
+            series.append({"model": m["name"], "context_length": r["context_length"], "points": len(b)})
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: context_label(int(round(v))) if v >= 1 else ""))
+    ax.set_xlabel("position in the window = tokens of context (log scale; bucket geometric centre)")
+    ax.set_ylabel("mean NLL (nats per token)")
+    ax.set_title("Loss by position in the context")
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Description": json.dumps(series)})
+    return series
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write results.json, table.md, loss_by_position.csv and loss_by_position.png; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / v for k, v in FILES.items()}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    paths["table"].write_text(markdown(report), encoding="utf-8")
+    write_csv(report, paths["csv"])
+    plot(report, paths["png"])
+    return paths

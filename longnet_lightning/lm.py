@@ -1,0 +1,661 @@
+"""LongNetLM: the LongNet language model as a LightningModule, plus its metrics and predict data.
+
+- :class:`LongNetLM` trains, evaluates and samples a :class:`~longnet_lightning.model.LongNet`.
+  Every constructor argument is typed and documented so ``LightningCLI`` can expose it.
+- :class:`TokenNLL`, :class:`TokenPerplexity`, :class:`BitsPerByte`: torchmetrics ``Metric`` s
+  that sum per-token NLL (float64), scored-token counts and byte counts over batches and devices.
+- :class:`PromptDataModule` and :class:`PredictionWriter`: prompts in, generated text out.
+
+Batches are ``{"input_ids": LongTensor[B, T], "labels": LongTensor[B, T]}`` with ``-100`` marking
+targets that are not scored (the contract of :class:`~longnet_lightning.data.LongTextDataModule`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics import Metric
+
+from .model import PRESETS, LongNet, LongNetConfig
+
+IGNORE_INDEX = -100
+CHECKPOINT_MARK = "longnet_lightning"  # key every LongNetLM checkpoint carries
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class _ScoredTokens(Metric):
+    """Sums over scored targets (``labels != -100``): NLL in nats (float64), tokens, and bytes.
+
+    ``update(nll, labels)`` takes the per-token NLL ``[B, T]`` of the model's
+    ``loss(..., reduction="none")`` and the labels ``[B, T]``; only the sums are kept, so no
+    ``[tokens, vocab]`` tensor is ever needed. All states reduce with ``sum`` across devices.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+    is_differentiable = False
+
+    def __init__(self, token_bytes: torch.Tensor | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("nll_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("bytes", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        if token_bytes is not None:
+            token_bytes = torch.as_tensor(token_bytes, dtype=torch.int64)
+        self.register_buffer("token_bytes", token_bytes, persistent=False)
+
+    def update(self, nll: torch.Tensor, labels: torch.Tensor) -> None:
+        if nll.shape != labels.shape:
+            raise ValueError(f"nll {tuple(nll.shape)} and labels {tuple(labels.shape)} must have the same shape")
+        scored = labels != IGNORE_INDEX
+        self.nll_sum += nll.detach()[scored].sum(dtype=torch.float64)
+        self.tokens += scored.sum()
+        if self.token_bytes is not None:
+            self.bytes += self.token_bytes[labels[scored]].sum()
+
+    def _mean_nll(self) -> torch.Tensor:
+        return self.nll_sum / self.tokens.clamp(min=1)
+
+
+class TokenNLL(_ScoredTokens):
+    """Mean negative log-likelihood (nats per scored token): ``ΣNLL / Σtokens``."""
+
+    def compute(self) -> torch.Tensor:
+        return self._mean_nll()
+
+
+class TokenPerplexity(_ScoredTokens):
+    """Perplexity: ``exp(ΣNLL / Σtokens)`` over exactly the scored tokens."""
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self._mean_nll())
+
+
+class BitsPerByte(_ScoredTokens):
+    """Bits per UTF-8 byte: ``ΣNLL / ln 2 / Σbytes(labels)``; ``token_bytes[V]`` maps ids to bytes.
+
+    Tokens worth 0 bytes (EOS, special tokens) add their NLL but no bytes, so the cost of
+    predicting document ends is charged to the text, as in the usual definition.
+    """
+
+    def __init__(self, token_bytes: torch.Tensor, **kwargs):
+        if token_bytes is None:
+            raise ValueError("BitsPerByte needs the tokenizer's token_bytes table (bytes per token id)")
+        super().__init__(token_bytes, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        return self.nll_sum / math.log(2) / self.bytes.clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _data_tokenizer(datamodule: Any):
+    """The data module's tokenizer (an object with ``spec()``), or None if it has none."""
+    if datamodule is None:
+        return None
+    try:
+        tok = getattr(datamodule, "tokenizer", None)
+    except Exception:  # a lazy property that cannot build its tokenizer here
+        return None
+    return tok if callable(getattr(tok, "spec", None)) else None
+
+
+def _token_bytes_of(datamodule: Any, tokenizer: Any) -> torch.Tensor | None:
+    """``int64 [V]`` bytes per token id from the tokenizer (or the data module), else None."""
+    for owner in (tokenizer, datamodule):
+        table = getattr(owner, "token_bytes", None) if owner is not None else None
+        if table is None:
+            continue
+        if callable(table):
+            table = table()
+        return torch.as_tensor(table, dtype=torch.int64)
+    return None
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class LongNetLM(L.LightningModule):
+    """LongNet causal language model for Lightning (training, evaluation, generation).
+
+    Args:
+        model: size preset from ``longnet_lightning.PRESETS``: "tiny", "small", "125M", "350M",
+            "760M" or "2.7B".
+        vocab_size: vocabulary size. The CLI links it from the data module's ``vocab_size``; None
+            means "take it from ``trainer.datamodule.vocab_size`` when the Trainer starts".
+        seq_len: training sequence length (the CLI links it from the data). Generation keeps at
+            most this many tokens of context (None: no limit).
+        attention: "dilated" (LongNet) or "dense" (the same model as a plain Transformer
+            baseline). None keeps the preset's ("dilated").
+        pattern: attention pattern name from ``longnet_lightning.PATTERNS`` ("paper", "paper-8k",
+            "small", "tiny"); None keeps the preset's. Ignored when segment_lengths is given.
+        segment_lengths: explicit segment lengths w_i (give dilation_rates too).
+        dilation_rates: explicit dilation rates r_i, one per segment length.
+        position: "xpos", "rope" or "none"; None keeps the default ("xpos").
+        activation_checkpointing: recompute each block in the backward to save memory.
+        attn_backend: dilated attention kernel backend ("auto" picks the fastest available).
+        dropout: dropout probability (None keeps 0.0).
+        overrides: any other ``LongNetConfig`` field, e.g. ``{n_layer: 6, n_embd: 384}``.
+        lr: peak learning rate (after warm-up).
+        min_lr: learning rate at the end of the decay.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: AdamW weight decay, applied to weight matrices of linear layers only
+            (not to biases, LayerNorms or the token embedding / tied output matrix).
+        warmup_steps: linear warm-up from 0 to ``lr`` over this many optimizer steps.
+        decay_steps: step at which the polynomial decay reaches ``min_lr``; None uses the
+            Trainer's ``max_steps`` (or its estimated total steps for epoch-based runs).
+        decay_power: power of the polynomial decay (1.0 = linear).
+        compile: ``torch.compile`` the model's loss (training and evaluation).
+        max_new_tokens: tokens to generate per prompt in ``predict``.
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_k: sample only among the k most likely tokens (None: all).
+        generation_seed: seed of sampling; prompt i uses ``generation_seed + i``.
+        stop_at_eos: stop a sample when the end-of-document token is drawn.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        vocab_size: int | None = None,
+        seq_len: int | None = None,
+        attention: str | None = None,
+        pattern: str | None = None,
+        segment_lengths: list[int] | None = None,
+        dilation_rates: list[int] | None = None,
+        position: str | None = None,
+        activation_checkpointing: bool | None = None,
+        attn_backend: str | None = None,
+        dropout: float | None = None,
+        overrides: dict[str, Any] | None = None,
+        lr: float = 6e-4,
+        min_lr: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 750,
+        decay_steps: int | None = None,
+        decay_power: float = 1.0,
+        compile: bool = False,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generation_seed: int = 0,
+        stop_at_eos: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if model not in PRESETS:
+            raise ValueError(f"model={model!r} is not a preset; choose one of {list(PRESETS)}")
+        if (segment_lengths is None) != (dilation_rates is None):
+            raise ValueError("segment_lengths and dilation_rates go together: give both, or neither (use pattern=...)")
+        _positive_int("vocab_size", vocab_size, allow_none=True)
+        _positive_int("seq_len", seq_len, allow_none=True)
+        _positive_int("max_new_tokens", max_new_tokens)
+        _positive_int("top_k", top_k, allow_none=True)
+        _positive_int("decay_steps", decay_steps, allow_none=True)
+        if not (lr > 0 and 0 <= min_lr <= lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={lr}, min_lr={min_lr}")
+        if warmup_steps < 0 or weight_decay < 0 or decay_power <= 0 or temperature < 0:
+            raise ValueError(
+                f"warmup_steps={warmup_steps} and weight_decay={weight_decay} must be >= 0, "
+                f"decay_power={decay_power} > 0 and temperature={temperature} >= 0"
+            )
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas={betas} must be two numbers in [0, 1)")
+        self.model: LongNet | None = None
+        self.tokenizer_spec: dict | None = None  # the data's tokenizer; restored from checkpoints
+        self.tokens_seen = 0
+        self._tokenizer = None
+        self._loss_fn = None
+        self._bpb_note_shown = False
+        if vocab_size is not None:
+            self.model = LongNet(self.model_config())
+        self.val_nll, self.val_ppl = TokenNLL(), TokenPerplexity()
+        self.test_nll, self.test_ppl = TokenNLL(), TokenPerplexity()
+        self.val_bpb: BitsPerByte | None = None
+        self.test_bpb: BitsPerByte | None = None
+
+    # ------------------------------------------------------------------ building
+
+    def model_config(self, vocab_size: int | None = None) -> LongNetConfig:
+        """The ``LongNetConfig`` these hyperparameters describe."""
+        hp = self.hparams
+        vocab_size = vocab_size or hp.vocab_size
+        if vocab_size is None:
+            raise ValueError(
+                "vocab_size is unknown: the CLI links it from the data module's `vocab_size`; "
+                "without the CLI pass LongNetLM(vocab_size=...) or a datamodule with a `vocab_size` attribute"
+            )
+        kw: dict[str, Any] = dict(hp.overrides or {})
+        for name in ("attention", "pattern", "segment_lengths", "dilation_rates", "position",
+                     "activation_checkpointing", "attn_backend", "dropout"):
+            if hp[name] is not None:
+                if name in kw:
+                    raise ValueError(f"{name} is given both directly and in overrides; keep one")
+                kw[name] = hp[name]
+        if "vocab_size" in kw:
+            raise ValueError("put vocab_size in LongNetLM(vocab_size=...), not in overrides")
+        return LongNetConfig.from_name(hp.model, vocab_size=vocab_size, **kw)
+
+    def configure_model(self) -> None:
+        """Build the model now if vocab_size was left to the data module; compile if asked."""
+        if self.model is None:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            vocab = getattr(dm, "vocab_size", None)
+            if vocab is None:
+                self.model_config()  # raises the vocab_size error
+            self.hparams["vocab_size"] = int(vocab)  # saved, so load_from_checkpoint rebuilds it
+            if self.hparams.seq_len is None and getattr(dm, "seq_len", None) is not None:
+                self.hparams["seq_len"] = int(dm.seq_len)
+            self.model = LongNet(self.model_config())
+        if self.hparams.compile and self._loss_fn is None:
+            self._loss_fn = torch.compile(self.model.loss)
+
+    @property
+    def config(self) -> LongNetConfig:
+        self._require_model()
+        return self.model.config
+
+    def _require_model(self) -> None:
+        if self.model is None:
+            raise RuntimeError(
+                "the model is not built yet: vocab_size was None, so it is built when a Trainer starts "
+                "(configure_model); pass vocab_size=... to build it at once"
+            )
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of ``tokenizer_spec`` (the training data's, or the checkpoint's)."""
+        if self.tokenizer_spec is None:
+            return None
+        if self._tokenizer is None:
+            from .data.tokenizers import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_spec)
+        return self._tokenizer
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of token ids ``[B, T]``."""
+        self._require_model()
+        return self.model(idx)
+
+    def token_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token NLL ``[B, T]`` (0 where ``labels == -100``), chunked over the LM head."""
+        self._require_model()
+        x, y = batch["input_ids"], batch["labels"]
+        fn = self._loss_fn or self.model.loss
+        return fn(x, y, reduction="none")
+
+    # ------------------------------------------------------------------ data-dependent state
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        tok = _data_tokenizer(dm)
+        if tok is not None:
+            spec = tok.spec()
+            if self.tokenizer_spec is not None and spec != self.tokenizer_spec and stage != "predict":
+                raise ValueError(
+                    "the data's tokenizer differs from the one this model was trained with; "
+                    "use the model's tokenizer for the data (see LongNetLM.tokenizer_spec)"
+                )
+            if self.tokenizer_spec is None:
+                self.tokenizer_spec, self._tokenizer = spec, tok
+        if stage in ("fit", "validate", "test"):
+            table = _token_bytes_of(dm, tok)
+            if table is not None:
+                vocab = self.hparams.vocab_size or getattr(dm, "vocab_size", None)
+                if vocab is not None and table.numel() != vocab:
+                    raise ValueError(
+                        f"the data's token_bytes table has {table.numel()} entries but vocab_size={vocab}; "
+                        "the tokenizer and the model disagree"
+                    )
+                self.val_bpb, self.test_bpb = BitsPerByte(table), BitsPerByte(table)
+            elif not self._bpb_note_shown:
+                self._bpb_note_shown = True
+                rank_zero_info(
+                    "bits per byte is not logged: the data module has no tokenizer with a token_bytes() table"
+                )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        version = getattr(sys.modules.get(__package__), "__version__", "unknown")
+        checkpoint[CHECKPOINT_MARK] = {"version": version}
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and "_class_path" in hparams:  # the defining module, not a re-export
+            hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["tokenizer_spec"] = self.tokenizer_spec
+        checkpoint["tokens_seen"] = int(self.tokens_seen)
+        self._keep_epoch_open(checkpoint)
+
+    def _keep_epoch_open(self, checkpoint: dict) -> None:
+        """A run that stops at ``max_steps`` in mid-epoch saves ``last.ckpt`` after Lightning has
+        marked the epoch finished, so resuming it (with a larger max_steps) would start the next
+        epoch and draw different batches than an uninterrupted run. Re-open the epoch in the
+        saved loop state, so the resumed run continues the same epoch where it stopped (the data
+        loader's own state says how many batches it already gave)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.training or trainer.max_steps is None or trainer.max_steps < 0:
+            return
+        if trainer.global_step < trainer.max_steps:
+            return
+        try:
+            fit = checkpoint["loops"]["fit_loop"]
+            epochs = fit["epoch_progress"]
+            if fit["epoch_loop.batch_progress"]["is_last_batch"]:
+                return  # the epoch really ended
+            if epochs["current"]["completed"] != epochs["current"]["ready"] or epochs["current"]["completed"] < 1:
+                return  # still open (a periodic checkpoint)
+            for part in ("total", "current"):
+                epochs[part]["processed"] -= 1
+                epochs[part]["completed"] -= 1
+            checkpoint["epoch"] = max(0, checkpoint["epoch"] - 1)
+        except (KeyError, TypeError):
+            return  # a Lightning version with another loop layout: leave it alone
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        spec = checkpoint.get("tokenizer_spec")
+        if spec is not None:
+            if self.tokenizer_spec is not None and spec != self.tokenizer_spec and self._trainer is not None \
+                    and not self.trainer.predicting:
+                raise ValueError(
+                    "this checkpoint was trained with a different tokenizer than the data's; "
+                    "set the data's tokenizer to the checkpoint's (LongNetLM.tokenizer_spec holds it)"
+                )
+            if spec != self.tokenizer_spec:
+                self.tokenizer_spec, self._tokenizer = spec, None
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        if self.model is None:  # load_from_checkpoint of a model whose vocab came from the data
+            vocab = checkpoint.get("hyper_parameters", {}).get("vocab_size")
+            if vocab is not None:
+                self.hparams["vocab_size"] = int(vocab)
+                self.model = LongNet(self.model_config())
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        nll = self.token_nll(batch)
+        scored = (batch["labels"] != IGNORE_INDEX).sum()
+        loss = nll.sum() / scored.clamp(min=1)
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log("train/tokens", torch.tensor(float(self.tokens_seen), dtype=torch.float64),
+                 on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
+        nll = self.token_nll(batch)
+        names = [("loss", f"{prefix}_nll"), ("ppl", f"{prefix}_ppl")]
+        if getattr(self, f"{prefix}_bpb") is not None:
+            names.append(("bpb", f"{prefix}_bpb"))
+        for name, attribute in names:
+            metric = getattr(self, attribute)
+            metric.update(nll, batch["labels"])
+            self.log(f"{prefix}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "loss",
+                     batch_size=batch["input_ids"].shape[0], metric_attribute=attribute)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------ optimizer
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: weight matrices of linear layers decay; biases, norms, embeddings do not."""
+        no_decay: set[int] = set()
+        for module in self.modules():
+            if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+                no_decay.update(id(p) for p in module.parameters(recurse=False))
+        decay, keep = [], []
+        for p in self.parameters():  # tied weights appear once
+            if not p.requires_grad:
+                continue
+            (keep if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": keep, "weight_decay": 0.0},
+        ]
+
+    def lr_lambda(self, decay_steps: int):
+        """Multiplier of ``lr`` at optimizer step s: linear warm-up, then polynomial decay to min_lr."""
+        hp = self.hparams
+        warmup, floor = hp.warmup_steps, hp.min_lr / hp.lr
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
+            return floor + (1.0 - floor) * (1.0 - progress) ** hp.decay_power
+
+        return factor
+
+    def total_decay_steps(self) -> int:
+        """``decay_steps``, else the Trainer's max_steps / estimated total optimizer steps."""
+        if self.hparams.decay_steps is not None:
+            steps, source = self.hparams.decay_steps, "model.decay_steps"
+        elif self.trainer.max_steps and self.trainer.max_steps > 0:
+            steps, source = self.trainer.max_steps, "trainer.max_steps"
+        else:
+            steps, source = self.trainer.estimated_stepping_batches, "the trainer's estimated total steps"
+            if not math.isfinite(steps):
+                raise ValueError(
+                    "the learning-rate decay needs a length: set trainer.max_steps, trainer.max_epochs "
+                    "or model.decay_steps"
+                )
+            steps = int(steps)
+        if steps < self.hparams.warmup_steps:
+            raise ValueError(
+                f"warmup_steps={self.hparams.warmup_steps} exceeds the length of the schedule "
+                f"({source} = {steps}); lower model.warmup_steps or train longer"
+            )
+        return steps
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # not fused=True: Lightning refuses gradient clipping (the recipes clip at 2.0) with fused optimizers
+        opt = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda(self.total_decay_steps()))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: torch.Tensor, max_new_tokens: int | None = None,
+                     temperature: float | None = None, top_k: int | None = None,
+                     generator: torch.Generator | None = None, eos_id: int | None = None) -> torch.Tensor:
+        """Sample after ``prompt_ids`` ``[1, N]``; returns only the new ids ``[1, n <= max_new_tokens]``.
+
+        The context is cropped to the last ``seq_len`` tokens (the training length) when known.
+        """
+        self._require_model()
+        hp = self.hparams
+        max_new_tokens = hp.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = hp.temperature if temperature is None else temperature
+        top_k = hp.top_k if top_k is None else top_k
+        idx, start = prompt_ids, prompt_ids.shape[1]
+        for _ in range(max_new_tokens):
+            ctx = idx if not hp.seq_len else idx[:, -hp.seq_len:]
+            logits = self.model(ctx, last_only=True)[:, -1].float()  # [1, V]
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits, -1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
+            idx = torch.cat((idx, nxt), dim=1)
+            if eos_id is not None and int(nxt) == eos_id:
+                break
+        return idx[:, start:]
+
+    def generate(self, prompts: str | Sequence[str], first_index: int = 0, **settings) -> list[str]:
+        """Completions (decoded text, prompt excluded) of one or more prompts, with this model's tokenizer.
+
+        ``settings`` override ``max_new_tokens``, ``temperature``, ``top_k``. Prompt i is sampled
+        with seed ``generation_seed + first_index + i``, so results do not depend on batching.
+        """
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError(
+                "no tokenizer: generation uses the tokenizer stored in the checkpoint "
+                "(pass --ckpt_path of a model trained here) or the training data module's"
+            )
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for i, prompt in enumerate(prompts):
+                ids = [tok.eos_id] + [int(t) for t in tok.encode(prompt)]  # a document starts after EOS
+                if self.hparams.seq_len and len(ids) > self.hparams.seq_len:
+                    rank_zero_warn(f"prompt {first_index + i} has {len(ids)} tokens; only the last "
+                                   f"seq_len={self.hparams.seq_len} are used as context")
+                gen = torch.Generator().manual_seed(self.hparams.generation_seed + first_index + i)
+                x = torch.tensor([ids], dtype=torch.long, device=self.device)
+                eos = tok.eos_id if self.hparams.stop_at_eos else None
+                new = self.generate_ids(x, generator=gen, eos_id=eos, **settings)
+                out.append(tok.decode(new[0].tolist()))
+        finally:
+            self.train(was_training)
+        return out
+
+    def predict_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """``batch``: list of ``{"index", "prompt"}`` → the same with ``"completion"`` added."""
+        completions = []
+        for item in batch:
+            completions.append({**item, "completion": self.generate(item["prompt"], first_index=item["index"])[0]})
+        return completions
+
+
+# ----------------------------------------------------------------------------- predict data
+
+
+class _Prompts(torch.utils.data.Dataset):
+    def __init__(self, prompts: list[str]):
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "prompt": self.prompts[i]}
+
+
+def _list_collate(items: list[dict]) -> list[dict]:
+    return list(items)
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for ``predict``: given inline, or read from a file.
+
+    Args:
+        prompts: prompt strings (an empty string samples from the start of a document).
+        prompt_file: a text file with one prompt per line, or a ``.jsonl`` file of
+            ``{"prompt": ...}`` records (use this for prompts containing newlines).
+        batch_size: prompts per predict batch.
+        tokenizer: only needed without ``--ckpt_path``: "byte" or a tokenizer.json path for the
+            model's vocabulary (a checkpoint brings its own tokenizer, which then wins).
+    """
+
+    def __init__(self, prompts: list[str] | None = None, prompt_file: str | None = None,
+                 batch_size: int = 1, tokenizer: str | None = None):
+        super().__init__()
+        _positive_int("batch_size", batch_size)
+        if prompts is None and prompt_file is None:
+            raise ValueError("give data.prompts (a list of strings) or data.prompt_file (a text or .jsonl file)")
+        self.prompts_given, self.prompt_file, self.batch_size = prompts, prompt_file, batch_size
+        self.tokenizer_name = tokenizer
+        self._tok = None
+
+    @property
+    def tokenizer(self):
+        if self.tokenizer_name is None:
+            return None
+        if self._tok is None:
+            from .data.tokenizers import build_tokenizer
+
+            self._tok = build_tokenizer(self.tokenizer_name)
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The tokenizer's vocabulary (None: the checkpoint's is used)."""
+        return None if self.tokenizer is None else self.tokenizer.vocab_size
+
+    def read_prompts(self) -> list[str]:
+        prompts = list(self.prompts_given or [])
+        if self.prompt_file is not None:
+            path = Path(self.prompt_file).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"data.prompt_file={self.prompt_file!r} does not exist (cwd: {os.getcwd()})")
+            lines = path.read_text(encoding="utf-8").splitlines()
+            if path.suffix.lower() == ".jsonl":
+                for n, line in enumerate(lines, 1):
+                    if line.strip():
+                        rec = json.loads(line)
+                        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                            raise ValueError(f"{path}:{n}: expected a JSON object with a string field 'prompt'")
+                        prompts.append(rec["prompt"])
+            else:
+                prompts.extend(lines)
+        if not prompts:
+            raise ValueError("no prompts: data.prompts is empty and data.prompt_file has no lines")
+        return prompts
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(_Prompts(self.read_prompts()), batch_size=self.batch_size, collate_fn=_list_collate)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes each completion to stdout and/or appends it as JSON Lines to ``output``.
+
+    Args:
+        output: a ``.jsonl`` file to write ``{"index", "prompt", "completion"}`` records to
+            (replaced at the start of each predict run); None writes no file.
+        stdout: also print ``prompt + completion`` to standard output.
+    """
+
+    def __init__(self, output: str | None = None, stdout: bool = True):
+        super().__init__(write_interval="batch")
+        self.output, self.stdout = output, stdout
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if self.output and trainer.is_global_zero:
+            path = Path(self.output).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        for rec in prediction:
+            if self.stdout:
+                sys.stdout.write(f"=== prompt {rec['index']} ===\n{rec['prompt']}{rec['completion']}\n")
+                sys.stdout.flush()
+            if self.output:
+                with open(Path(self.output).expanduser(), "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")

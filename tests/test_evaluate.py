@@ -1,0 +1,320 @@
+"""`evaluate`: the window protocol, exact sums, loss by position, the written outputs, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longnet_lightning.data import LongTextDataModule, eval_windows
+from longnet_lightning.evaluate import main
+from longnet_lightning.evaluation import (
+    EvaluationError,
+    bucket_edges,
+    context_label,
+    context_windows,
+    evaluate_perplexity,
+    max_context_length,
+)
+from longnet_lightning.lm import LongNetLM
+from longnet_lightning.model import LongNet, LongNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+PERIOD = 16  # the copy documents repeat a random block of this many letters
+LETTERS = np.frombuffer(b"abcdefghijklmnop", dtype=np.uint8)
+
+
+def copy_text(rng: np.random.Generator, n: int) -> str:
+    """A random block of PERIOD letters, repeated to n characters: predictable after PERIOD tokens."""
+    return np.resize(rng.choice(LETTERS, size=PERIOD), n).tobytes().decode()
+
+
+# ----------------------------------------------------------------------------- the window protocol
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=6), st.integers(1, 24), st.data())
+def test_windows_score_every_target_exactly_once(lengths, c, data):
+    s = data.draw(st.integers(1, c))
+    rows = context_windows(lengths, c, s)
+    hits = [np.zeros(n, dtype=int) for n in lengths]
+    firsts = set()
+    for d, start, length, scored in rows.tolist():
+        n = lengths[d]
+        assert 1 <= scored <= length <= c and start >= 0 and start + length + 1 <= n  # reads inside its document
+        hits[d][start + length - scored + 1 : start + length + 1] += 1  # targets = token indices
+        if start == 0:
+            firsts.add(d)
+            assert scored == length  # the first window scores everything it reads
+        else:
+            assert length == c and scored <= s  # later windows: full context, at least c - s before each target
+        if n - 1 <= c:
+            assert (start, length) == (0, n - 1)  # a short document is one shorter window
+    for n, h in zip(lengths, hits):
+        expected = np.ones(n, dtype=int)
+        expected[:1] = 0  # every token but the first is a target
+        assert (h == expected).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=6), st.integers(1, 24))
+def test_non_overlapping_windows_are_the_data_modules_eval_windows(lengths, c):
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths) + 1)[:-1]]).astype(np.int64)
+    ours = [(int(offsets[d] + start), length + 1, length - scored)
+            for d, start, length, scored in context_windows(lengths, c).tolist()]
+    theirs = [tuple(r) for r in eval_windows(offsets, np.asarray(lengths), c).tolist()]
+    assert ours == theirs
+
+
+def test_bucket_edges_are_log_spaced_and_end_at_the_context():
+    assert bucket_edges(2048).tolist() == [2**k for k in range(12)]
+    assert bucket_edges(3000).tolist() == [2**k for k in range(12)] + [3000]
+    assert bucket_edges(1).tolist() == [1]
+    two = bucket_edges(64, per_octave=2).tolist()
+    assert two[0] == 1 and two[-1] == 64 and two == sorted(set(two)) and len(two) > len(bucket_edges(64))
+    assert context_label(2048) == "2K" and context_label(2**20) == "1M" and context_label(3000) == "3000"
+
+
+# ----------------------------------------------------------------------------- exact sums
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    return LongNet(LongNetConfig()).eval()  # tiny: dilated, segments 32/64/128
+
+
+def test_perplexity_is_exp_mean_nll_over_exactly_the_counted_tokens(tiny_net):
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 257, size=n) for n in (0, 1, 2, 5, 31, 64, 65, 100, 250)]
+    token_bytes = rng.integers(0, 4, size=257)  # unequal bytes per token, so the byte count is checked
+    targets = sum(max(len(d) - 1, 0) for d in docs)
+    target_bytes = sum(int(token_bytes[d[1:]].sum()) for d in docs)
+    for c, s in [(16, None), (16, 5), (64, 64), (24, 1), (300, None)]:
+        res = evaluate_perplexity(tiny_net, docs, c, s, token_bytes=token_bytes, batch_size=3, progress=False)
+        assert res.tokens == targets and res.bytes == target_bytes
+        assert res.documents == 7 and res.short_documents == sum(2 <= len(d) < c + 1 for d in docs)
+        assert math.isclose(res.perplexity, math.exp(res.nll_sum / targets), rel_tol=1e-12)
+        assert math.isclose(res.bits_per_byte, res.nll_sum / math.log(2) / target_bytes, rel_tol=1e-12)
+        buckets = res.buckets()
+        assert sum(b["count"] for b in buckets) == targets
+        assert math.isclose(sum(b["nll_sum"] for b in buckets), res.nll_sum, rel_tol=1e-9)
+        # other batchings pad differently (batch_size=1: not at all); the sums must not change
+        other = evaluate_perplexity(tiny_net, docs, c, s, batch_size=1 if s != 1 else 64, progress=False)
+        assert math.isclose(other.nll_sum, res.nll_sum, rel_tol=1e-5)
+        assert (other.position_count == res.position_count).all()
+    # a context longer than every document: each document is one window, scored by the model directly
+    with torch.no_grad():
+        direct = sum(float(tiny_net.loss(torch.as_tensor(d[None, :-1]), torch.as_tensor(d[None, 1:]),
+                                         reduction="sum")) for d in docs if len(d) >= 2)
+    assert math.isclose(res.nll_sum, direct, rel_tol=1e-5)
+    assert res.short_documents == res.documents and res.windows == res.documents
+
+
+def test_evaluate_perplexity_input_errors(tiny_net):
+    docs = [np.arange(50) % 257]
+    with pytest.raises(EvaluationError, match="stride 9 must be between 1 and the context length 8"):
+        evaluate_perplexity(tiny_net, docs, 8, 9, progress=False)
+    with pytest.raises(EvaluationError, match="token_bytes has 3 entries"):
+        evaluate_perplexity(tiny_net, docs, 8, token_bytes=[1, 1, 1], progress=False)
+    dense = LongNet(LongNetConfig(attention="dense"))
+    assert max_context_length(dense)[0] == 70001 and max_context_length(tiny_net)[0] is None
+    with pytest.raises(EvaluationError, match="works up to 70001 positions"):
+        evaluate_perplexity(dense, docs, 80000, progress=False)
+
+
+# ----------------------------------------------------------------------------- checkpoints and the CLI
+
+
+def fit_checkpoint(path, datamodule, attention: str, steps: int) -> str:
+    """Train a tiny LongNetLM for `steps` steps on the data module and save a real checkpoint."""
+    torch.manual_seed(0)
+    lm = LongNetLM(model="tiny", attention=attention, lr=3e-3, min_lr=3e-4, warmup_steps=min(10, steps - 1) or 0)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(lm, datamodule=datamodule)
+        trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def copy_setup(tmp_path_factory):
+    """Copy documents, a LongNet trained on them (200 steps, ~8 s) and a dense baseline (1 step).
+
+    500 documents, so the model learns to copy rather than memorise blocks; 10% are held out.
+    """
+    root = tmp_path_factory.mktemp("copy")
+    rng = np.random.default_rng(0)
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": copy_text(rng, int(rng.integers(150, 400)))}) + "\n"
+                            for _ in range(500)))
+    dm = dict(data_path=str(docs), seq_len=64, batch_size=16, val_fraction=0.0, test_fraction=0.1,
+              cache_dir=str(root / "cache"), pack_documents=True, samples_per_epoch=10_000)
+    longnet = fit_checkpoint(root / "longnet.ckpt", LongTextDataModule(**dm), "dilated", 200)
+    dense = fit_checkpoint(root / "dense.ckpt", LongTextDataModule(**{**dm, "seq_len": 16}), "dense", 1)
+    return {"root": root, "docs": docs, "longnet": longnet, "dense": dense, "cache": str(root / "cache")}
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["--no_progress", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_copy_text_table_csv_png_agree(copy_setup, capsys, tmp_path):
+    out = tmp_path / "eval"
+    code, stdout, stderr = run_cli(capsys, "--ckpt_path", copy_setup["longnet"], copy_setup["dense"],
+                                   "--context_lengths", 8, 64, "--out_dir", out, "--cache_dir", copy_setup["cache"])
+    assert code == 0, stderr
+    report = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["LongNet 64", "Transformer 16"]
+    assert report["data"]["split"] == "test"  # no --data: the checkpoint's own held-out test split
+    assert "test split" in report["data"]["description"] and report["data"]["documents"] >= 5
+    longnet = {r["context_length"]: r for r in report["models"][0]["results"]}
+
+    # the copy structure: once the window holds one period, the next letters are predictable
+    b64 = longnet[64]["buckets"]
+    early = [b for b in b64 if b["end"] <= PERIOD]
+    late = [b for b in b64 if b["start"] > PERIOD]
+    mean = lambda bs: sum(b["mean_nll"] * b["count"] for b in bs) / sum(b["count"] for b in bs)  # noqa: E731
+    assert mean(late) < 0.5 * mean(early), (early, late)
+    assert longnet[64]["perplexity"] < 0.7 * longnet[8]["perplexity"]  # more context helps this text
+
+    # every column scores the same targets; perplexity = exp(mean NLL) over exactly those
+    for m in report["models"]:
+        assert len({(r["tokens"], r["bytes"]) for r in m["results"]}) == 1
+        for r in m["results"]:
+            assert math.isclose(r["perplexity"], math.exp(r["nll_sum"] / r["tokens"]), rel_tol=1e-12)
+            assert math.isclose(r["mean_nll"], r["nll_sum"] / r["tokens"], rel_tol=1e-12)
+
+    # table.md and the printed table hold the results' numbers
+    table = (out / "table.md").read_text()
+    for m in report["models"]:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {m['name']} |"))
+        cells = [f"{r['perplexity']:.3f}" for r in m["results"]]
+        assert row.split(" | ")[2:] == cells[:-1] + [cells[-1] + " |"]
+        assert row in stdout
+    assert "Protocol:" in table and "shorter window" in table
+
+    # the CSV holds every bucket of results.json, and its buckets add up to each mean NLL
+    with open(out / "loss_by_position.csv") as f:
+        rows = list(csv.DictReader(f))
+    expect = [(m["name"], r["context_length"], b["start"], b["end"], b["count"])
+              for m in report["models"] for r in m["results"] for b in r["buckets"]]
+    assert [(r["model"], int(r["context_length"]), int(r["bucket_start"]), int(r["bucket_end"]), int(r["count"]))
+            for r in rows] == expect
+    for m in report["models"]:
+        for r in m["results"]:
+            mine = [x for x in rows if x["model"] == m["name"] and int(x["context_length"]) == r["context_length"]]
+            assert sum(int(x["count"]) for x in mine) == r["tokens"]
+            weighted = sum(float(x["mean_nll"]) * int(x["count"]) for x in mine) / r["tokens"]
+            assert math.isclose(weighted, r["mean_nll"], rel_tol=1e-9)
+
+    # the PNG is a real image whose plotted series are the CSV's (model, context) groups
+    from PIL import Image
+
+    with Image.open(out / "loss_by_position.png") as img:
+        assert img.format == "PNG" and img.size[0] > 400
+        series = json.loads(img.text["Description"])
+    groups = {}
+    for r in rows:
+        key = (r["model"], int(r["context_length"]))
+        groups[key] = groups.get(key, 0) + 1
+    assert {(s["model"], s["context_length"]): s["points"] for s in series} == groups
+
+
+def test_cli_jsonl_data_stride_and_max_tokens_are_reported(copy_setup, capsys, tmp_path):
+    rng = np.random.default_rng(5)
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("\n".join(json.dumps({"body": copy_text(rng, n)}) for n in (300, 200, 40, 500)) + "\n")
+    out = tmp_path / "eval"
+    code, stdout, stderr = run_cli(capsys, "--ckpt_path", copy_setup["longnet"], "--names", "mine", "--data", data,
+                                   "--text_field", "body", "--context_lengths", 32, 128, "--stride", 16,
+                                   "--max_tokens", 700, "--out_dir", out, "--cache_dir", copy_setup["cache"])
+    assert code == 0, stderr
+    report = json.loads((out / "results.json").read_text())
+    m = report["models"][0]
+    assert m["cap"] == {"max_tokens": 700, "tokens_used": 700, "tokens_available": 1040,
+                        "documents_used": 4, "documents_available": 4}  # 300 + 200 + 40 + the first 160 of 500
+    assert all(r["tokens"] == 299 + 199 + 39 + 159 and r["stride"] == 16 for r in m["results"])
+    assert "reading 700 of 1,040 tokens" in stderr and "700 of 1,040 tokens read" in (out / "table.md").read_text()
+    assert "context 128: 1 of 4 documents have fewer than 129 tokens" in stderr  # the 40-token one, reported
+    assert "context 32:" not in stderr
+    assert report["models"][0]["results"][1]["short_documents"] == 1
+    assert "sliding windows" in report["protocol"]["description"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def error_of(capsys, *args) -> str:
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 2, (stdout, stderr)
+    assert stderr.startswith("error: ") and "Traceback" not in stderr
+    return stderr
+
+
+def test_bad_checkpoints_are_one_line_errors(copy_setup, capsys, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello " * 100)
+    foreign = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "pytorch-lightning_version": "2.6.0"}, foreign)
+    common = ("--data", text, "--context_lengths", 16, "--out_dir", tmp_path / "o", "--cache_dir", copy_setup["cache"])
+    assert "is not a readable PyTorch checkpoint" in error_of(capsys, "--ckpt_path", text, *common)
+    assert "does not exist" in error_of(capsys, "--ckpt_path", tmp_path / "missing.ckpt", *common)
+    assert "not one of a LongNetLM" in error_of(capsys, "--ckpt_path", foreign, *common)
+    raw = torch.load(copy_setup["longnet"], map_location="cpu", weights_only=True)
+    raw["tokenizer_spec"] = None  # as saved by a run whose data module had no tokenizer
+    torch.save(raw, tmp_path / "no-tokenizer.ckpt")
+    assert "--tokenizer byte" in error_of(capsys, "--ckpt_path", tmp_path / "no-tokenizer.ckpt", *common)
+    assert not (tmp_path / "o").exists()
+    code, _, stderr = run_cli(capsys, "--ckpt_path", tmp_path / "no-tokenizer.ckpt", "--tokenizer", "byte", *common)
+    assert code == 0, stderr
+
+
+def test_bad_lengths_and_short_text_are_one_line_errors(copy_setup, capsys, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 50)  # 50 tokens: no window of 64 fits
+    base = ("--data", short, "--out_dir", tmp_path / "o", "--cache_dir", copy_setup["cache"])
+    msg = error_of(capsys, "--ckpt_path", copy_setup["longnet"], "--context_lengths", 64, 256, *base)
+    assert "shorter than the shortest context length 64" in msg and "at most 49" in msg
+    msg = error_of(capsys, "--ckpt_path", copy_setup["dense"], "--context_lengths", 16, 100000, *base)
+    assert "cannot take context length(s) [100000]" in msg and "at most 70001" in msg
+    msg = error_of(capsys, "--ckpt_path", copy_setup["longnet"], "--context_lengths", 8, 16, "--stride", 12, *base)
+    assert "--stride 12 is longer than the context length 8" in msg
+    msg = error_of(capsys, "--ckpt_path", copy_setup["longnet"], "--names", "a", "b", "--context_lengths", 8, *base)
+    assert "2 names for 1 checkpoints" in msg
+    with pytest.raises(SystemExit) as e:  # argparse: usage and a one-line error, status 2
+        run_cli(capsys, "--ckpt_path", copy_setup["longnet"], "--context_lengths", 0, *base)
+    assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_module_entry_point_reports_bad_input_without_traceback(tmp_path):
+    bogus = tmp_path / "model.ckpt"
+    bogus.write_bytes(b"\x00not a checkpoint")
+    proc = subprocess.run([sys.executable, "-m", "longnet_lightning", "evaluate", "--ckpt_path", str(bogus),
+                           "--data", str(bogus), "--context_lengths", "8"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

@@ -1,0 +1,77 @@
+"""Every recipe and model config parses; the quickstart recipe runs with tiny overrides."""
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import REPO, tiny_args
+
+from longnet_lightning.cli import LongNetCLI
+from longnet_lightning.lm import LongNetLM
+from longnet_lightning.model import PRESETS
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+MODEL_CONFIGS = sorted((REPO / "configs" / "model").glob("*.yaml"))
+
+
+def parsed(capsys, *args: str) -> dict:
+    """The resolved config of ``fit <args> --print_config`` (nothing is instantiated)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        LongNetCLI(args=["fit", *args, "--print_config"])
+    assert e.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_the_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"quickstart-cpu.yaml", "longnet-125m-32k.yaml", "dense-125m-2k.yaml", "longnet-code-64k.yaml"} <= names
+    assert {p.stem for p in MODEL_CONFIGS} >= set(PRESETS) | {f"{p}-dense" for p in PRESETS}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses(recipe, capsys, monkeypatch):
+    monkeypatch.delenv("LONGNET_DATA", raising=False)
+    cfg = parsed(capsys, "--config", str(recipe))
+    model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    assert model["model"] in PRESETS
+    assert trainer["gradient_clip_val"] == 2.0
+    assert data["seq_len"] >= 1 and data["batch_size"] >= 1
+    cfg_model = LongNetLM(**{k: v for k, v in model.items()}).model_config(vocab_size=300)  # checks, builds nothing
+    assert cfg_model.n_layer >= 1
+    if recipe.name != "quickstart-cpu.yaml":
+        assert trainer["precision"] == "bf16-mixed"
+        tokens_per_step = data["batch_size"] * data["seq_len"] * trainer["accumulate_grad_batches"]
+        assert tokens_per_step == 512 * 1024
+
+
+def test_recipe_settings(capsys, monkeypatch):
+    monkeypatch.setenv("LONGNET_DATA", "/some/corpus")
+    dense = parsed(capsys, "--config", str(REPO / "recipes" / "dense-125m-2k.yaml"))
+    assert dense["model"]["init_args"]["attention"] == "dense" and dense["data"]["init_args"]["seq_len"] == 2048
+    assert dense["data"]["init_args"]["data_path"] == "/some/corpus"
+    longnet = parsed(capsys, "--config", str(REPO / "recipes" / "longnet-125m-32k.yaml"))
+    assert longnet["model"]["init_args"]["model"] == "125M" and longnet["data"]["init_args"]["seq_len"] == 32768
+    code = parsed(capsys, "--config", str(REPO / "recipes" / "longnet-code-64k.yaml"))
+    assert code["model"]["init_args"]["activation_checkpointing"] is True
+    # a recipe's model file plus a command-line override
+    switched = parsed(capsys, "--config", str(REPO / "recipes" / "longnet-125m-32k.yaml"), "--model.attention", "dense")
+    assert switched["model"]["init_args"]["attention"] == "dense"
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.name)
+def test_model_config_parses(path, capsys):
+    init = parsed(capsys, "--model", str(path))["model"]["init_args"]
+    preset = path.stem.removesuffix("-dense")
+    assert init["model"] == preset
+    assert (init["attention"] == "dense") == path.stem.endswith("-dense")
+    cfg = LongNetLM(**init).model_config(vocab_size=300)
+    assert (cfg.n_layer, cfg.n_embd) == (PRESETS[preset]["n_layer"], PRESETS[preset]["n_embd"])
+
+
+def test_quickstart_recipe_runs_with_tiny_overrides(tmp_path, tiny_corpus, cache_dir):
+    args = tiny_args(tmp_path, tiny_corpus, cache_dir, steps=3,
+                     extra=("--trainer.val_check_interval", "3", "--trainer.logger", "false"))
+    cli = LongNetCLI(args=["fit", "--config", str(REPO / "recipes" / "quickstart-cpu.yaml"), *args])
+    assert cli.trainer.global_step == 3
+    assert cli.model.config.n_layer == 4 and cli.model.config.segment_lengths == [64, 128, 256]
+    assert "val/ppl" in cli.trainer.callback_metrics
