@@ -492,26 +492,13 @@ class LongNetLM(L.LightningModule):
         """
         self._require_model()
         hp = self.hparams
-        max_new_tokens = hp.max_new_tokens if max_new_tokens is None else max_new_tokens
-        temperature = hp.temperature if temperature is None else temperature
-        top_k = hp.top_k if top_k is None else top_k
-        idx, start = prompt_ids, prompt_ids.shape[1]
-        for _ in range(max_new_tokens):
-            ctx = idx if not hp.seq_len else idx[:, -hp.seq_len:]
-            logits = self.model(ctx, last_only=True)[:, -1].float()  # [1, V]
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits, -1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
-            idx = torch.cat((idx, nxt), dim=1)
-            if eos_id is not None and int(nxt) == eos_id:
-                break
-        return idx[:, start:]
+        out = self.model.generate(
+            prompt_ids, hp.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            temperature=hp.temperature if temperature is None else temperature,
+            top_k=hp.top_k if top_k is None else top_k, generator=generator,
+            max_context=hp.seq_len or None, eos_id=eos_id,
+        )
+        return out[:, prompt_ids.shape[1]:]
 
     def generate(self, prompts: str | Sequence[str], first_index: int = 0, **settings) -> list[str]:
         """Completions (decoded text, prompt excluded) of one or more prompts, with this model's tokenizer.

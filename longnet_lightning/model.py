@@ -234,20 +234,39 @@ class LongNet(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample ``max_new_tokens`` after ``idx`` ``[B, N]`` → ``[B, N + max_new_tokens]``."""
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 max_context: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+        """Sample up to ``max_new_tokens`` after ``idx`` ``[B, N]`` → ``[B, N + n]``.
+
+        ``max_context`` crops what the model sees to the last tokens (e.g. the training length);
+        generation stops early once every row has produced ``eos_id``. No key-value cache: each
+        step recomputes the visible context.
+        """
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits = self(idx, last_only=True)[:, -1].float()  # [B, V]
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            ctx = idx if not max_context else idx[:, -max_context:]
+            nxt = sample_next(self(ctx, last_only=True)[:, -1].float(), temperature, top_k, generator)
             idx = torch.cat((idx, nxt), dim=1)
+            if eos_id is not None:
+                done |= nxt[:, 0] == eos_id
+                if bool(done.all()):
+                    break
         return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ``[B, 1]`` from logits ``[B, V]``: greedy at ``temperature <= 0``, else sampled
+    (top-k filtered) with ``generator`` on its own device."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(device), 1, generator=generator).to(logits.device)
 
 
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
