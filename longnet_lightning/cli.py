@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,11 @@ def read_checkpoint(path: str | os.PathLike, setting: str = "ckpt_path") -> dict
         except Exception as e:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
             err = e
     if ckpt is None:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CLIError(f"{setting}={str(path)!r} is not a readable PyTorch checkpoint ({type(err).__name__}: {first})")
+        if not zipfile.is_zipfile(p):
+            reason = "the file is not a torch.save archive"
+        else:
+            reason = f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:200]
+        raise CLIError(f"{setting}={str(path)!r} is not a readable PyTorch checkpoint ({reason})")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
         raise CLIError(f"{setting}={str(path)!r} is not a Lightning checkpoint (no state_dict / version keys)")
     if CHECKPOINT_MARK not in ckpt:
