@@ -8,26 +8,18 @@ Per branch (w, r), flash forward and backward on:
   bhld     - gathered head-major [N/w, H, w/r, D] (each head's rows contiguous)
 plus the time of the gather copies (q, k, v). Kernels only; merges not included.
 """
-import statistics
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from attention import bench_ms as ms  # noqa: E402  (CUDA-event median, after warm-up)
 
 N, H, D = 1 << 20, 12, 64
 PATTERN = [(2048, 1), (4096, 2), (8192, 4), (16384, 6), (32768, 12)]
 SEED = torch.zeros(2, dtype=torch.uint64, device="cuda")
 OFF = torch.zeros((), dtype=torch.uint64, device="cuda")
-
-
-def ms(fn, reps=10):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
 
 
 def fwd(q, k, v):
