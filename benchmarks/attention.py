@@ -79,7 +79,7 @@ def check(backends, out_rows):
                 print(json.dumps(row), flush=True)
 
 
-def bench_ms(fn, reps):
+def bench_ms(fn, reps=10):
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
