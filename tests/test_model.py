@@ -173,3 +173,13 @@ def test_position_tables_made_under_inference_mode_do_not_break_training():
         model(idx)  # e.g. trainer.validate before trainer.fit
     model.loss(idx, idx).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("block", [None, 1, 8, 33])
+def test_xpos_range_guard_computes_the_exact_largest_offset(block):
+    rot = Rotary(8, xpos_scale_base=512.0, anchor_block=block)
+    for start in (0, 5, 8, 63, 100):
+        for n in (1, 2, 7, 9, 64):
+            pos = torch.arange(start, start + n)
+            anchor = torch.full_like(pos, start + n // 2) if block is None else pos // block * block + block // 2
+            assert rot._max_offset(start, n) == (pos - anchor).abs().max().item()

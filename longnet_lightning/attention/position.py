@@ -43,7 +43,7 @@ class Rotary(nn.Module):
             anchor = torch.full_like(pos, start + n // 2)
         else:
             anchor = torch.div(pos, self.anchor_block, rounding_mode="floor") * self.anchor_block + self.anchor_block // 2
-        span = (pos - anchor).abs().max().item() if n else 0
+        span = self._max_offset(start, n)
         if span > _XPOS_MAX_HALF_SPAN:
             raise ValueError(
                 f"XPOS over {n} positions with anchor_block={self.anchor_block}: decay factors leave "
@@ -53,6 +53,18 @@ class Rotary(nn.Module):
         zeta = (i / self.head_dim + self.gamma) / (1 + self.gamma)  # [D/2]
         decay = zeta[None, :] ** ((pos - anchor)[:, None] / self.scale_base)  # [N, D/2]
         return cos, sin, decay
+
+    def _max_offset(self, start: int, n: int) -> int:
+        """Largest ``|position - anchor|`` over ``start..start+n-1``, in plain Python (no sync)."""
+        if n < 1:
+            return 0
+        if self.anchor_block is None:
+            return max(n // 2, n - 1 - n // 2)
+        b = self.anchor_block
+        if -(-start // b) * b <= start + n - 1 and start % b:  # the range crosses a block start
+            return b // 2
+        dev = lambda p: abs(p - (p // b * b + b // 2))  # noqa: E731
+        return max(dev(start), dev(start + n - 1))
 
     @staticmethod
     def _rotate(x, cos, sin):
