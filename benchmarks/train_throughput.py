@@ -21,12 +21,15 @@ from longnet_lightning.model import LongNet, LongNetConfig  # noqa: E402
 PEAK = 989e12
 
 
-def run(model_name, attention, context, tokens, vocab, steps, ckpt):
+def run(model_name, attention, context, tokens, vocab, steps, ckpt, compile_blocks=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     cfg = LongNetConfig.from_name(model_name, vocab_size=vocab, attention=attention, activation_checkpointing=ckpt,
                                   position="xpos" if attention == "dilated" or context <= 65536 else "rope")
     model = LongNet(cfg).cuda()
+    if compile_blocks:  # torch.compile each block; the dilated attention call stays eager (a graph break)
+        for blk in model.blocks:
+            blk.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)
     bsz = max(1, tokens // context)
     idx = torch.randint(0, vocab, (bsz, context), device="cuda")
@@ -46,10 +49,15 @@ def run(model_name, attention, context, tokens, vocab, steps, ckpt):
             if i >= 2:
                 times.append(s.elapsed_time(e) / 1e3)
     except torch.OutOfMemoryError:
-        return dict(model=model_name, attention=attention, context=context, ckpt=ckpt, error="OOM")
+        return dict(model=model_name, attention=attention, context=context, ckpt=ckpt, compiled=compile_blocks,
+                    error="OOM")
+    except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
+        return dict(model=model_name, attention=attention, context=context, ckpt=ckpt, compiled=compile_blocks,
+                    error=f"{type(e).__name__}: {e}"[:200])
     t = statistics.median(times)
     tps = bsz * context / t
-    return dict(model=model_name, attention=attention, context=context, batch=bsz, ckpt=ckpt, step_s=t,
+    return dict(model=model_name, attention=attention, context=context, batch=bsz, ckpt=ckpt,
+                compiled=compile_blocks, step_s=t,
                 tokens_per_s=tps, mfu=cfg.flops_per_token(context) * tps / PEAK,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss))
 
@@ -64,6 +72,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dense-max", type=int, default=131072)
     ap.add_argument("--ckpt-from", type=int, default=262144, help="activation checkpointing from this context")
+    ap.add_argument("--compile", nargs="*", type=int, default=[0], help="0: eager, 1: torch.compile the blocks")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
     args = ap.parse_args()
     rows = []
@@ -71,17 +80,21 @@ def main():
         for att in args.attention:
             if att == "dense" and ctx > args.dense_max:
                 continue
-            r = run(args.model, att, ctx, args.tokens, args.vocab, args.steps if ctx < 2**20 else 3, ctx >= args.ckpt_from)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+            for comp in args.compile:
+                r = run(args.model, att, ctx, args.tokens, args.vocab, args.steps if ctx < 2**20 else 3,
+                        ctx >= args.ckpt_from, bool(comp))
+                rows.append(r)
+                print(json.dumps(r), flush=True)
     with open(args.json, "w") as f:
         json.dump(rows, f, indent=1)
-    print("\n| model | attention | context | batch | act. ckpt | step s | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | attention | context | batch | act. ckpt | compiled | step s | tokens/s | MFU | peak GiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        head = f"| {r['model']} | {r['attention']} | {r['context']:,} | {r.get('batch', '')} | {r['ckpt']} | {r['compiled']} |"
         if "error" in r:
-            print(f"| {r['model']} | {r['attention']} | {r['context']:,} | | {r['ckpt']} | {r['error']} | | | |")
+            print(f"{head} {r['error']} | | | |")
         else:
-            print(f"| {r['model']} | {r['attention']} | {r['context']:,} | {r['batch']} | {r['ckpt']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+            print(f"{head} {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":

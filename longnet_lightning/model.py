@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention.kernels import BACKENDS
-from .attention.multihead import MultiheadDilatedAttention
+from .attention.multihead import LayerNorm, MultiheadDilatedAttention
 
 # Attention patterns (segment_lengths, dilation_rates).
 PATTERNS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -133,7 +133,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: LongNetConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.bias)
-        self.inner_norm = nn.LayerNorm(cfg.ffn_dim, eps=cfg.norm_eps) if cfg.sub_layernorm else None
+        self.inner_norm = LayerNorm(cfg.ffn_dim, eps=cfg.norm_eps) if cfg.sub_layernorm else None
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -148,7 +148,7 @@ class Block(nn.Module):
     def __init__(self, cfg: LongNetConfig):
         super().__init__()
         dilated = cfg.attention == "dilated"
-        self.norm1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.norm1 = LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = MultiheadDilatedAttention(
             cfg.n_embd, cfg.n_head,
             segment_lengths=cfg.segment_lengths if dilated else None,
@@ -157,7 +157,7 @@ class Block(nn.Module):
             layer_norm_eps=cfg.norm_eps, position=None if cfg.position == "none" else cfg.position,
             rope_theta=cfg.rope_theta, xpos_scale_base=cfg.xpos_scale_base, backend=cfg.attn_backend,
         )
-        self.norm2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.norm2 = LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
     def forward(self, x, start_pos: int = 0):  # [B, N, E] -> [B, N, E]
@@ -174,7 +174,7 @@ class LongNet(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.norm = LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -1,10 +1,15 @@
 """Shared fixtures: a tiny text corpus, a token cache folder, and CLI arguments for tiny runs."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernels are checked on CPU through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

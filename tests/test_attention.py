@@ -209,3 +209,28 @@ def test_backends_name_head_dims_and_dtypes_they_cannot_take():
     assert "up to 256" in sdpa.supports(fake(512, torch.float16))
     assert "float64" in sdpa.supports(fake(64, torch.float64))
     assert "CUDA devices only" in xf.supports(fake(64, torch.bfloat16, "cpu"))
+
+
+def test_packed_plan_folds_branches_of_equal_length():
+    """The paper pattern at 32K packs branches r = 1, 2, 4 (L = 2048) and r = 6, 12 (L = 2731)
+    into two kernel calls, r = 1 leading the first (its rows are written, not merged)."""
+    q = torch.empty(1, 32768, 12, 64, device="meta")
+    calls = dil._packed_calls(DilationPattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)), q)
+    assert [[(c.w, c.r, first) for first, c in call] for call in calls] == [
+        [(2048, 1, True), (4096, 2, False), (8192, 4, False)], [(16384, 6, False), (32768, 12, False)]]
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("max_rows", [2**19, 100])  # 100: most branches split into chunks, which never fold
+@pytest.mark.parametrize("n", [64, 70, 5])
+def test_folded_calls_match_reference(monkeypatch, fold, max_rows, n):
+    monkeypatch.setattr(dil, "FOLD_EQUAL_LENGTHS", fold)
+    monkeypatch.setattr(dil, "PACKED_MAX_TOKENS", 2**62)
+    monkeypatch.setattr(dil, "MAX_ROWS_PER_CALL", max_rows)
+    ws, rs = [8, 16, 32, 12, 24], [1, 2, 4, 3, 6]  # packed lengths 8, 8, 8, 4, 4
+    q, k, v = _inputs(2, n, 6, 4, seed=n)
+    ref = dilated_attention_reference(q, k, v, DilationPattern(ws, rs), causal=True)
+    out = dilated_attention(q, k, v, ws, rs, causal=True, backend="torch")
+    dout = torch.randn_like(ref)
+    assert _max_err([out], [ref]) < TOL
+    assert _max_err(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)) < TOL

@@ -183,3 +183,24 @@ def test_xpos_range_guard_computes_the_exact_largest_offset(block):
             pos = torch.arange(start, start + n)
             anchor = torch.full_like(pos, start + n // 2) if block is None else pos // block * block + block // 2
             assert rot._max_offset(start, n) == (pos - anchor).abs().max().item()
+
+
+@pytest.mark.parametrize("xpos", [None, 16.0])
+def test_rotary_matches_its_closed_form(xpos):
+    """Halves (x1, x2) rotate as x1 + i*x2 by angle n * theta^(-2i/D); XPOS scales q by
+    zeta_i^((n - a)/B) and k by its inverse, a being the centre of n's anchor block."""
+    d, theta, block, start, n = 8, 100.0, 16, 5, 40
+    rot = Rotary(d, theta=theta, xpos_scale_base=xpos, anchor_block=block)
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, n, 3, d, generator=g, dtype=torch.float64) for _ in range(2))
+    qr, kr = rot(q, k, start=start)
+    pos = torch.arange(start, start + n, dtype=torch.float64)[:, None]
+    i = torch.arange(d // 2, dtype=torch.float64)
+    turn = torch.polar(torch.ones(n, d // 2, dtype=torch.float64), pos * theta ** (-2 * i / d))[None, :, None]
+    scale = torch.ones(n, d // 2, dtype=torch.float64)
+    if xpos:
+        zeta = (2 * i / d + 0.4) / 1.4
+        scale = zeta ** ((pos - (pos // block * block + block // 2)) / xpos)
+    for x, y, sgn in ((q, qr, 1), (k, kr, -1)):
+        z = torch.complex(x[..., : d // 2], x[..., d // 2:]) * turn * scale[None, :, None] ** sgn
+        torch.testing.assert_close(y, torch.cat((z.real, z.imag), -1), rtol=1e-12, atol=1e-12)

@@ -2,7 +2,7 @@
 
 For every branch ``(w, r)`` and every head offset ``o``, one kernel call attends inside the
 selected rows (strided views, see :mod:`.pattern`). Branch results are merged by their softmax
-denominators (paper Eq. 10), online, into a float32 accumulator:
+denominators (paper Eq. 10), online, into an accumulator (see ``FORWARD_ACC``):
 ``out += (out_i - out) * sigmoid(lse_i - lse)``, ``lse = logaddexp(lse, lse_i)``.
 
 The backward does not differentiate through the merge weights: the merged attention is one
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .kernels import BACKENDS, select_kernel
-from .pattern import DilationPattern, block_view, normalize_layout, packed_index, plan_branch, split_block
+from .fused import Chunk, accumulate_view_, chunks, merge_view_, pack, packed_view, unpack_accumulate_, unpack_merge_, use_triton
+from .pattern import DilationPattern, block_view, normalize_layout, plan_branch, split_block
 from .reference import dilated_attention_reference
 
 
@@ -39,9 +40,26 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Where half-precision forward outputs are merged: "input" (each merge is computed in float32 and
+# rounded to bf16/fp16, like the gradients) or "float32" (one rounding, at the end, but twice the
+# memory traffic). On an H200 at 1M tokens "input" takes the forward from 25.8 to 20.9 ms, and
+# the error against the float64 reference moves from 3.3e-3 to at most 3.4e-3 (RESULTS.md).
+FORWARD_ACC = os.environ.get("LONGNET_FORWARD_ACC", "input")
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    if FORWARD_ACC == "input" and dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    return _accum_dtype(dtype)
+
+
 # Rows x heads per kernel call: bounds the transient per-call outputs (64 MiB per bf16 tensor
 # at head dim 64) whatever N is, so the gradients cost almost nothing beyond dq, dk, dv.
 MAX_ROWS_PER_CALL = 2**19
+
+
+def _branches(pattern: DilationPattern) -> list[tuple[int, int]]:
+    return sorted(pattern.branches, key=lambda b: b[1] != 1)  # stable: r = 1 first
 
 
 def _plan(pattern: DilationPattern, q: torch.Tensor):
@@ -51,7 +69,7 @@ def _plan(pattern: DilationPattern, q: torch.Tensor):
     results are written, not merged, and the accumulators need no initialisation.
     """
     bsz, n, h, _ = q.shape
-    branches = sorted(pattern.branches, key=lambda b: b[1] != 1)  # stable: r = 1 first
+    branches = _branches(pattern)
     plan = []
     for i, (w, r) in enumerate(branches):
         for blk in plan_branch(n, h, w, r, bsz):
@@ -64,26 +82,16 @@ def dilated_forward(q, k, v, pattern: DilationPattern, causal: bool, scale: floa
 
     Rows that no branch selects keep output 0 and ``lse = -inf``.
     """
-    acc = _accum_dtype(q.dtype)
     bsz, n, h, _ = q.shape
     plan, first_covers = _plan(pattern, q)
     alloc = torch.empty if first_covers else torch.zeros
-    out = alloc(bsz, n, h, v.shape[-1], dtype=acc, device=q.device)
-    lse = torch.empty((bsz, n, h), dtype=acc, device=q.device)
+    out = alloc(bsz, n, h, v.shape[-1], dtype=_out_dtype(q.dtype), device=q.device)
+    lse = torch.empty((bsz, n, h), dtype=_accum_dtype(q.dtype), device=q.device)
     if not first_covers:
         lse.fill_(float("-inf"))
     for branch, blk in plan:
         o_i, lse_i = kernel.forward(block_view(q, blk), block_view(k, blk), block_view(v, blk), causal, scale)
-        lse_i = lse_i.transpose(1, 2)  # [Bt, L, G]
-        o_v, lse_v = block_view(out, blk), block_view(lse, blk)
-        if branch == 0 and first_covers:
-            o_v.copy_(o_i)
-            lse_v.copy_(lse_i)
-            continue
-        # out += (o_i - out) * w_i with w_i = Z_i / (Z + Z_i): one softmax over the union.
-        w_i = torch.sigmoid(lse_i - lse_v)[..., None]
-        o_v.mul_(1 - w_i).addcmul_(o_i, w_i)
-        lse_v.copy_(torch.logaddexp(lse_v, lse_i))
+        merge_view_(block_view(out, blk), block_view(lse, blk), o_i, lse_i, first=branch == 0 and first_covers)
     return out.to(q.dtype), lse
 
 
@@ -100,80 +108,110 @@ def dilated_backward(dout, q, k, v, out, lse, pattern: DilationPattern, causal, 
             block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
             block_view(out, blk), block_view(lse, blk).transpose(1, 2), causal, scale,
         )
-        for buf, g in zip((dq, dk, dv), grads):
-            view = block_view(buf, blk)
-            view.copy_(g) if branch == 0 and first_covers else view.add_(g)
+        accumulate_view_([block_view(buf, blk) for buf in (dq, dk, dv)], grads, first=branch == 0 and first_covers)
     return dq, dk, dv
 
 
-# Packed plan: each branch gathered into [S, L, H, D] and run as ONE kernel call (all segments,
-# all heads), merged through index maps. Few large launches: fastest for short and medium N;
-# costs gathered copies, so long sequences use the copy-free strided plan.
-PACKED_MAX_TOKENS = int(os.environ.get("LONGNET_PACKED_MAX_TOKENS", 2**15))  # crossover measured on an H200
+# Packed plan: each branch gathered into [S, L, H, D] blocks of whole segments (see .fused), one
+# kernel call per block for all heads, merged back by index arithmetic. Few large launches: fastest
+# for short and medium N; long sequences use the copy-free strided plan.
+PACKED_MAX_TOKENS = int(os.environ.get("LONGNET_PACKED_MAX_TOKENS", 2**17))  # crossover measured on an H200
 
 
 def use_packed(q: torch.Tensor, causal: bool) -> bool:
     """Packed plan for causal attention on up to ``PACKED_MAX_TOKENS`` tokens (B x N).
 
-    Its padded rows are harmless only under a causal mask, and its merges use ``index_add_``,
-    which is not deterministic on CUDA (so deterministic mode keeps the strided plan).
+    Its padded rows are harmless only under a causal mask (they are the last rows of their
+    segment). Without Triton its CUDA merges use index ops, so deterministic mode then keeps the
+    strided plan.
     """
-    if not causal or (q.is_cuda and torch.are_deterministic_algorithms_enabled()):
+    if not causal or (q.is_cuda and torch.are_deterministic_algorithms_enabled() and not use_triton(q)):
         return False
     return q.shape[0] * q.shape[1] <= PACKED_MAX_TOKENS
 
 
-def _packed_maps(pattern, q):
-    """Per branch, r = 1 first: gather indices (pad slots read row 0), scatter indices (pad slots
-    go to the spare row ``M``), the pad mask, and the packed shape ``(S, L)``."""
+# Whole branches whose packed blocks have the same length L share one kernel call, their
+# segments stacked along the batch (the paper pattern at 32K: 5 calls become 2).
+FOLD_EQUAL_LENGTHS = os.environ.get("LONGNET_PACKED_FOLD", "1") != "0"
+
+
+def _packed_calls(pattern: DilationPattern, q: torch.Tensor) -> list[list[tuple[bool, Chunk]]]:
+    """Kernel calls of the packed plan, in merge order: each a list of ``(first, chunk)``.
+
+    ``first`` marks chunks of the first branch when it covers every row (``r = 1``): they are
+    written, not merged, so they lead the first call. Chunks that are whole branches are folded
+    with earlier ones of the same length (see ``FOLD_EQUAL_LENGTHS``).
+    """
     bsz, n, h, _ = q.shape
-    m = bsz * n * h
-    for i, (w, r) in enumerate(sorted(pattern.branches, key=lambda b: b[1] != 1)):
-        flat, shape = packed_index(bsz, n, h, w, r, q.device)
-        pad = flat < 0
-        yield i, r, flat.clamp(min=0), torch.where(pad, m, flat), pad, shape
+    covered = 1 in pattern.dilation_rates
+    calls, by_length = [], {}
+    for i, (w, r) in enumerate(_branches(pattern)):
+        for c in chunks(bsz, n, h, w, r, MAX_ROWS_PER_CALL):
+            item = (i == 0 and covered, c)
+            whole = c.s0 == 0 and c.s1 == bsz * c.nseg
+            if FOLD_EQUAL_LENGTHS and whole and c.length in by_length:
+                by_length[c.length].append(item)
+                continue
+            calls.append([item])
+            if whole:
+                by_length.setdefault(c.length, calls[-1])
+    return calls
+
+
+def _gather(call, xs, lse=None):
+    """Kernel inputs ``[S, L, H, *]`` of one packed call (and its LSE ``[S, H, L]``): views of
+    ``xs`` when the call is one ``r = 1`` chunk of whole segments, else gathered, each chunk into
+    its slice of the batch."""
+    if len(call) == 1:
+        c = call[0][1]
+        if c.is_view:
+            return [packed_view(x, c) for x in xs], (None if lse is None else pack([], c, lse)[1])
+        return pack(xs, c, lse)
+    c0, segs = call[0][1], sum(c.segments for _, c in call)
+    ys = [torch.empty(segs, c0.length, c0.heads, x.shape[-1], dtype=x.dtype, device=x.device) for x in xs]
+    ly = None if lse is None else torch.empty(segs, c0.heads, c0.length, device=lse.device,
+                                              dtype=torch.promote_types(lse.dtype, torch.float32))
+    for _, c, sl in _slices(call):
+        pack(xs, c, lse, out=([y[sl] for y in ys], None if ly is None else ly[sl]))
+    return ys, ly
+
+
+def _slices(call):
+    """``(first, chunk, slice of the call's batch)`` for each chunk of a packed call."""
+    s = 0
+    for first, c in call:
+        yield first, c, slice(s, s + c.segments)
+        s += c.segments
 
 
 def packed_forward(q, k, v, pattern: DilationPattern, scale: float, kernel):
     """Causal dilated attention, packed plan: same results as :func:`dilated_forward`."""
-    acc = _accum_dtype(q.dtype)
-    bsz, n, h, d = q.shape
-    m, dv = bsz * n * h, v.shape[-1]
-    first_covers = 1 in pattern.dilation_rates
-    out = (torch.empty if first_covers else torch.zeros)(m + 1, dv, dtype=acc, device=q.device)
-    lse = torch.full((m + 1,), float("-inf"), dtype=acc, device=q.device)
-    qf, kf, vf = q.reshape(m, d), k.reshape(m, d), v.reshape(m, dv)
-    for i, r, gather, scatter, _, (segs, length) in _packed_maps(pattern, q):
-        take = lambda x, width: x.index_select(0, gather).view(segs, length, h, width)  # noqa: E731
-        o_i, lse_i = kernel.forward(take(qf, d), take(kf, d), take(vf, dv), True, scale)
-        o_i, lse_i = o_i.reshape(-1, dv).to(acc), lse_i.transpose(1, 2).reshape(-1).to(acc)
-        if i == 0 and r == 1:
-            out.index_copy_(0, scatter, o_i)
-            lse.index_copy_(0, scatter, lse_i)
-            continue
-        old = lse.index_select(0, scatter)
-        merged = out.index_select(0, scatter).lerp_(o_i, torch.sigmoid(lse_i - old)[:, None])
-        out.index_copy_(0, scatter, merged)
-        lse.index_copy_(0, scatter, torch.logaddexp(old, lse_i))
-    return out[:m].view(bsz, n, h, dv).to(q.dtype), lse[:m].view(bsz, n, h)
+    bsz, n, h, _ = q.shape
+    covered = 1 in pattern.dilation_rates
+    out = (torch.empty if covered else torch.zeros)(bsz, n, h, v.shape[-1], dtype=_out_dtype(q.dtype), device=q.device)
+    lse = torch.empty((bsz, n, h), dtype=_accum_dtype(q.dtype), device=q.device)
+    if not covered:
+        lse.fill_(float("-inf"))
+    for call in _packed_calls(pattern, q):
+        (qp, kp, vp), _ = _gather(call, (q, k, v))
+        o, lo = kernel.forward(qp, kp, vp, True, scale)
+        for first, c, sl in _slices(call):
+            unpack_merge_(out, lse, o[sl], lo[sl], c, first)
+    return out.to(q.dtype), lse
 
 
 def packed_backward(dout, q, k, v, out, lse, pattern: DilationPattern, scale: float, kernel):
-    """Gradients for :func:`packed_forward`; pad slots get ``dout = 0`` and ``lse = +inf``, so
-    they receive and send exactly zero gradient."""
-    acc = _accum_dtype(q.dtype)
-    bsz, n, h, d = q.shape
-    m, dv = bsz * n * h, v.shape[-1]
-    grads = [torch.zeros(m + 1, x.shape[-1], dtype=acc, device=q.device) for x in (q, k, v)]
-    flat = [x.reshape(m, x.shape[-1]) for x in (q, k, v, out, dout)]
-    lsef = lse.reshape(m)
-    for _, _, gather, scatter, pad, (segs, length) in _packed_maps(pattern, q):
-        qp, kp, vp, op, dop = (x.index_select(0, gather).view(segs, length, h, x.shape[-1]) for x in flat)
-        dop.masked_fill_(pad.view(segs, length, h, 1), 0)
-        lsep = lsef.index_select(0, gather).masked_fill_(pad, float("inf")).view(segs, length, h).transpose(1, 2)
-        for buf, g in zip(grads, kernel.backward(dop, qp, kp, vp, op, lsep, True, scale)):
-            buf.index_add_(0, scatter, g.reshape(-1, buf.shape[-1]).to(acc))
-    return tuple(g[:m].view(x.shape).to(x.dtype) for g, x in zip(grads, (q, k, v)))
+    """Gradients for :func:`packed_forward`; padding slots get ``dout = 0`` and ``lse = +inf``, so
+    they receive and send exactly zero gradient. Accumulated in the inputs' dtype."""
+    covered = 1 in pattern.dilation_rates
+    alloc = torch.empty_like if covered else torch.zeros_like
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    for call in _packed_calls(pattern, q):
+        (qp, kp, vp, op, dop), lp = _gather(call, (q, k, v, out, dout), lse)
+        grads = kernel.backward(dop, qp, kp, vp, op, lp, True, scale)
+        for first, c, sl in _slices(call):
+            unpack_accumulate_((dq, dk, dv), [g[sl] for g in grads], c, first)
+    return dq, dk, dv
 
 
 class _DilatedAttentionFn(torch.autograd.Function):
@@ -200,6 +238,7 @@ class _DilatedAttentionFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+@torch.compiler.disable  # Python-level plan and custom kernels: a graph break, never traced
 def dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Rotation/decay factors, shared by all Rotary modules; the current sequence length only.
+_FACTORS: dict = {}
 # |exponent| * |log zeta_min| must stay well inside float32's range (about 87).
 _XPOS_MAX_HALF_SPAN = 35_000
 
@@ -30,9 +32,9 @@ class Rotary(nn.Module):
             raise ValueError(f"head_dim={head_dim}: rotary position encodings need an even head dim")
         self.head_dim, self.theta, self.scale_base = head_dim, theta, xpos_scale_base
         self.gamma, self.anchor_block = xpos_gamma, anchor_block
-        self._cache: tuple | None = None  # (key, tables): one entry, reused across steps
 
     def _tables(self, n: int, start: int, device):
+        """``cos, sin`` ``[N, D/2]`` and the XPOS decay ``[N, D/2]`` (``None`` for RoPE), float64."""
         pos = torch.arange(start, start + n, device=device, dtype=torch.float64)
         i = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
         ang = pos[:, None] * self.theta ** (-i / self.head_dim)[None, :]  # [N, D/2], float64: exact at 1M
@@ -66,26 +68,42 @@ class Rotary(nn.Module):
         dev = lambda p: abs(p - (p // b * b + b // 2))  # noqa: E731
         return max(dev(start), dev(start + n - 1))
 
+    def factors(self, n: int, start: int, device, dtype) -> tuple[torch.Tensor, ...]:
+        """``(cq, sq, ck, sk)``, each ``[N, D]`` in ``dtype``: ``rotate(x) = x * c + rotate_half(x) * s``.
+
+        Shared by every layer with the same settings (one copy, not one per layer), and rebuilt
+        only when the length, start, device, dtype or inference mode changes (tables made under
+        ``inference_mode`` cannot be saved for backward).
+        """
+        key = (self.head_dim, self.theta, self.scale_base, self.gamma, self.anchor_block, n, start,
+               torch.device(device), dtype, torch.is_inference_mode_enabled())
+        hit = _FACTORS.get(key)
+        if hit is None:
+            cos, sin, decay = self._tables(n, start, device)
+            c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+            if decay is None:
+                hit = (c, s, c, s)
+            else:
+                d = torch.cat((decay, decay), -1)
+                hit = (c * d, s * d, c / d, s / d)
+            hit = tuple(t.to(dtype) for t in hit)
+            _FACTORS.clear()  # one length at a time: a new length replaces the old tables
+            _FACTORS[key] = hit
+        return hit
+
     @staticmethod
-    def _rotate(x, cos, sin):
-        x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)  # halves, [B, N, H, D/2]
-        c, s = cos[None, :, None, :], sin[None, :, None, :]
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)  # halves, [B, N, H, D/2]
+        return torch.addcmul(x * c[:, None], torch.cat((-x2, x1), dim=-1), s[:, None]).to(x.dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0):
-        """``q, k`` ``[B, N, H, D]`` at positions ``start..start+N-1`` → rotated (and scaled)."""
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # tables are float64: exact at 1M
-        # Tables made under inference_mode cannot be saved for backward: key on that mode too.
-        key = (q.shape[1], start, q.device, dt, torch.is_inference_mode_enabled())
-        if self._cache is None or self._cache[0] != key:
-            tables = tuple(None if t is None else t.to(dt) for t in self._tables(q.shape[1], start, q.device))
-            self._cache = (key, tables)
-        cos, sin, decay = self._cache[1]
-        qr, kr = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-        if decay is not None:
-            d = torch.cat((decay, decay), dim=-1)[None, :, None, :]
-            qr, kr = qr * d, kr / d
-        return qr.to(q.dtype), kr.to(k.dtype)
+        """``q, k`` ``[B, N, H, D]`` at positions ``start..start+N-1`` → rotated (and scaled).
+
+        Computed in float32 (float64 for float64 inputs) from float64 tables: exact at 1M positions.
+        """
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        cq, sq, ck, sk = self.factors(q.shape[1], start, q.device, dt)
+        return self._rotate(q, cq, sq), self._rotate(k, ck, sk)
 
     def extra_repr(self) -> str:
         kind = "rope" if self.scale_base is None else f"xpos(scale_base={self.scale_base}, anchor_block={self.anchor_block})"

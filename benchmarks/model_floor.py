@@ -1,0 +1,73 @@
+"""How fast could the 125M model train if attention were free? One step at 32K tokens with the
+attention replaced by a stand-in that returns ``v`` (same shapes, no cost), eager and compiled,
+next to the real model: the gap is attention, the rest bounds the reachable MFU.
+
+    python benchmarks/model_floor.py --context 32768
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import longnet_lightning.attention.multihead as mh  # noqa: E402
+from longnet_lightning.model import LongNet, LongNetConfig  # noqa: E402
+
+REAL = mh.dilated_attention
+
+
+def time_step(model, idx, steps=5):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    walls, hosts = [], []
+    for i in range(steps + 3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        if i >= 3:
+            walls.append(time.perf_counter() - t0)
+            hosts.append(t1 - t0)
+    return 1e3 * statistics.median(walls), 1e3 * statistics.median(hosts)
+
+
+def variant(name, context, stub=False, compile_=False, position="xpos"):
+    torch.manual_seed(0)
+    attn = (lambda q, k, v, *a, **kw: v) if stub else REAL  # noqa: E731
+    mh.dilated_attention = torch.compiler.disable(attn) if compile_ else attn
+    model = LongNet(LongNetConfig.from_name("125M", vocab_size=32768, position=position)).cuda()
+    if compile_:
+        for blk in model.blocks:
+            blk.compile()
+    idx = torch.randint(0, 32768, (1, context), device="cuda")
+    try:
+        wall, host = time_step(model, idx)
+        print(f"| {name} | {wall:.1f} | {host:.1f} |", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"| {name} | {type(e).__name__}: {str(e)[:200]} | |", flush=True)
+    finally:
+        mh.dilated_attention = REAL
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=32768)
+    args = ap.parse_args()
+    print("| variant | step ms | host enqueue ms |\n|---|---|---|")
+    variant("dilated attention", args.context)
+    variant("attention stand-in (returns v)", args.context, stub=True)
+    variant("stand-in, RoPE", args.context, stub=True, position="rope")
+    variant("stand-in, no position encoding", args.context, stub=True, position="none")
+    variant("stand-in, blocks compiled", args.context, stub=True, compile_=True)
+    variant("dilated attention, blocks compiled", args.context, compile_=True)
+
+
+if __name__ == "__main__":
+    main()

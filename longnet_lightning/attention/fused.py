@@ -1,0 +1,439 @@
+"""Data movement around the attention kernels: gathers, merges and gradient accumulation.
+
+Two row maps, each with a Triton implementation (CUDA, one launch per call, bandwidth-bound)
+and a plain PyTorch one (any device; the specification the Triton kernels are tested against):
+
+* **views** (strided plan): a kernel call's rows are a strided view ``[A, L, G, D]`` of
+  ``[B, N, H, D]`` (:func:`.pattern.block_view`). :func:`merge_view_` folds the call's output
+  into the float32 accumulators; :func:`accumulate_view_` adds its gradients into dq, dk, dv.
+* **packed** (packed plan): a :class:`Chunk` of one branch's segments, every head, as a dense
+  ``[S, L, H, D]`` block (slot ``(s, j, h)`` holds position ``seg*w + h%r + j*r``; slots past a
+  segment or the sequence are padding, always the last rows of their segment). :func:`pack`
+  gathers (padding: 0, and ``+inf`` for the log-sum-exp so padded queries send no gradient),
+  :func:`unpack_merge_` and :func:`unpack_accumulate_` scatter back.
+
+Merging is online by softmax denominators (paper Eq. 10): ``lse' = logaddexp(lse, lse_i)``,
+``out' = out + (out_i - out) * exp(lse_i - lse')``; the first call of a covering branch writes.
+Gradients are accumulated in the gradient's dtype with float32 arithmetic.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .pattern import packed_index
+
+try:  # Triton ships with CUDA builds of PyTorch; without it every op takes the PyTorch path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton kernels for CUDA tensors when Triton is installed (``LONGNET_TRITON=0`` turns
+    them off; ``LONGNET_TRITON=interpret`` also runs them on CPU through Triton's interpreter,
+    which is how the CPU tests check them)."""
+    mode = os.environ.get("LONGNET_TRITON", "1")
+    if triton is None or mode == "0":
+        return False
+    return x.is_cuda or (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Segments ``s0 <= s < s1`` (over all batch rows, ``nseg`` per row) of branch ``(w, r)`` of
+    a ``[bsz, n, heads, D]`` input, packed as ``[s1 - s0, length, heads, D]``."""
+
+    bsz: int
+    n: int
+    heads: int
+    w: int
+    r: int
+    s0: int
+    s1: int
+
+    @property
+    def nseg(self) -> int:
+        return -(-self.n // self.w)
+
+    @property
+    def length(self) -> int:
+        return -(-min(self.w, self.n) // self.r)
+
+    @property
+    def segments(self) -> int:
+        return self.s1 - self.s0
+
+    @property
+    def rows(self) -> int:
+        return self.segments * self.length * self.heads
+
+    @property
+    def is_view(self) -> bool:
+        """``r = 1`` and whole segments: the packed block is a plain view, nothing to gather."""
+        return self.r == 1 and self.n % min(self.w, self.n) == 0
+
+
+def chunks(bsz: int, n: int, heads: int, w: int, r: int, max_rows: int) -> list[Chunk]:
+    """Branch ``(w, r)`` cut into chunks of whole segments, each at most ``max_rows`` slots
+    (rows x heads) unless one segment alone is larger."""
+    whole = Chunk(bsz, n, heads, w, r, 0, bsz * -(-n // w))
+    per = max(1, max_rows // (whole.length * heads))
+    return [Chunk(bsz, n, heads, w, r, s, min(s + per, whole.s1)) for s in range(0, whole.s1, per)]
+
+
+def packed_view(x: torch.Tensor, c: Chunk) -> torch.Tensor:
+    """``x`` ``[B, N, H, D]`` as the packed block of an ``is_view`` chunk (no copy)."""
+    return x.view(c.bsz * c.nseg, c.length, c.heads, x.shape[-1])[c.s0:c.s1]
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch implementations (any device): index maps from pattern.packed_index
+# ----------------------------------------------------------------------------------------------
+
+def _flat_slots(c: Chunk, device) -> torch.Tensor:
+    """Flat ``[B*N*H]`` index of every slot of ``c`` (``-1`` for padding)."""
+    flat, _ = packed_index(c.bsz, c.n, c.heads, c.w, c.r, device)
+    per_seg = c.length * c.heads
+    return flat[c.s0 * per_seg:c.s1 * per_seg]
+
+
+def _pack_torch(xs, lse, c: Chunk):
+    idx = _flat_slots(c, xs[0].device if xs else lse.device)
+    pad, take = idx < 0, idx.clamp(min=0)
+    out = []
+    for x in xs:
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, take).masked_fill_(pad[:, None], 0)
+        out.append(rows.view(c.segments, c.length, c.heads, x.shape[-1]))
+    lp = None
+    if lse is not None:
+        lp = lse.reshape(-1).index_select(0, take).to(torch.promote_types(lse.dtype, torch.float32))
+        lp.masked_fill_(pad, float("inf"))
+        lp = lp.view(c.segments, c.length, c.heads).transpose(1, 2).contiguous()
+    return out, lp
+
+
+def _merge_math(acc, lacc, o, lo, first: bool):
+    """Torch reference of the merge: returns the new (acc, lse) rows."""
+    if first:
+        return o.to(acc.dtype), lo.to(lacc.dtype)
+    ct = torch.promote_types(acc.dtype, torch.float32)
+    new = torch.logaddexp(lacc, lo.to(lacc.dtype))
+    wgt = torch.exp(lo.to(lacc.dtype) - new)[..., None].to(ct)
+    return (acc.to(ct) + (o.to(ct) - acc.to(ct)) * wgt).to(acc.dtype), new
+
+
+def _add_math(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` in ``a``'s dtype, with at least float32 arithmetic."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(acc) + b.to(acc)).to(a.dtype)
+
+
+def _unpack_merge_torch(acc, lacc, o, lo, c: Chunk, first: bool):
+    idx = _flat_slots(c, acc.device)
+    keep = (idx >= 0).nonzero().squeeze(1)
+    dst = idx.index_select(0, keep)
+    a, la = acc.view(-1, acc.shape[-1]), lacc.view(-1)
+    orow = o.reshape(-1, o.shape[-1]).index_select(0, keep)
+    lorow = lo.transpose(1, 2).reshape(-1).index_select(0, keep)
+    new_a, new_l = _merge_math(a.index_select(0, dst), la.index_select(0, dst), orow, lorow, first)
+    a.index_copy_(0, dst, new_a)
+    la.index_copy_(0, dst, new_l)
+
+
+def _unpack_accumulate_torch(dsts, grads, c: Chunk, first: bool):
+    idx = _flat_slots(c, dsts[0].device)
+    keep = (idx >= 0).nonzero().squeeze(1)
+    dst = idx.index_select(0, keep)
+    for buf, g in zip(dsts, grads):
+        flat = buf.view(-1, buf.shape[-1])
+        rows = g.reshape(-1, g.shape[-1]).index_select(0, keep)
+        if not first:  # a branch selects each (position, head) at most once: no clashes
+            rows = _add_math(flat.index_select(0, dst), rows)
+        flat.index_copy_(0, dst, rows.to(buf.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _slot(rows, s0, nseg, L, H, W, R, N):
+        """Packed slot ids -> (batch row, position, head, is real)."""
+        h = rows % H
+        t = rows // H
+        j = t % L
+        s = t // L + s0
+        inseg = h % R + j * R
+        pos = (s % nseg) * W + inseg
+        return s // nseg, pos, h, (inseg < W) & (pos < N)
+
+    @triton.jit
+    def _merge(a, la, x, lx):
+        m = tl.maximum(la, lx)  # lx is finite (a query always sees itself); la may be -inf
+        new = m + tl.log(tl.exp(la - m) + tl.exp(lx - m))
+        return a + (x - a) * tl.exp(lx - new)[:, None], new
+
+    @triton.jit
+    def _move(src, dst, s_off, d_off, m_in, d, m_out):
+        x = tl.load(src + s_off[:, None] + d[None, :], mask=m_in, other=0.0)
+        tl.store(dst + d_off[:, None] + d[None, :], x, mask=m_out)
+
+    @triton.jit
+    def _pack_kernel(X0, X1, X2, X3, X4, Y0, Y1, Y2, Y3, Y4, LSE, LY, sxb, sxn, sxh, slb, sln, slh,
+                     n_rows, s0, nseg, L, H, W, R, N,
+                     NT: tl.constexpr, HAS_LSE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = rows < n_rows
+        b, pos, h, real = _slot(rows, s0, nseg, L, H, W, R, N)
+        d = tl.arange(0, BD)
+        dm = d < D
+        src = b * sxb + pos * sxn + h * sxh
+        m_in = (live & real)[:, None] & dm[None, :]
+        m_out = live[:, None] & dm[None, :]
+        dst = rows * D
+        if NT > 0:
+            _move(X0, Y0, src, dst, m_in, d, m_out)
+        if NT > 1:
+            _move(X1, Y1, src, dst, m_in, d, m_out)
+        if NT > 2:
+            _move(X2, Y2, src, dst, m_in, d, m_out)
+        if NT > 3:
+            _move(X3, Y3, src, dst, m_in, d, m_out)
+        if NT > 4:
+            _move(X4, Y4, src, dst, m_in, d, m_out)
+        if HAS_LSE:
+            lv = tl.load(LSE + b * slb + pos * sln + h * slh, mask=live & real, other=float("inf"))
+            lv = tl.where(real, lv, float("inf"))
+            j = (rows // H) % L
+            sl = rows // (H * L)
+            tl.store(LY + (sl * H + h) * L + j, lv, mask=live)
+
+    @triton.jit
+    def _unpack_merge_kernel(OUT, LSE, O, LO, sab, san, sah, slb, sln, slh, sos, sol, soh,
+                             n_rows, s0, nseg, L, H, W, R, N,
+                             FIRST: tl.constexpr, CT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        b, pos, h, real = _slot(rows, s0, nseg, L, H, W, R, N)
+        ok = (rows < n_rows) & real
+        j = (rows // H) % L
+        sl = rows // (H * L)
+        d = tl.arange(0, BD)
+        m = ok[:, None] & (d < D)[None, :]
+        x = tl.load(O + (sl * sos + j * sol + h * soh)[:, None] + d[None, :], mask=m, other=0.0).to(CT)
+        lx = tl.load(LO + (sl * H + h) * L + j, mask=ok, other=0.0)
+        a_off = (b * sab + pos * san + h * sah)[:, None] + d[None, :]
+        l_off = b * slb + pos * sln + h * slh
+        if FIRST:
+            a, la = x, lx
+        else:
+            a, la = _merge(tl.load(OUT + a_off, mask=m, other=0.0).to(CT), tl.load(LSE + l_off, mask=ok, other=0.0),
+                           x, lx)
+        tl.store(OUT + a_off, a.to(OUT.dtype.element_ty), mask=m)
+        tl.store(LSE + l_off, la, mask=ok)
+
+    @triton.jit
+    def _add(dst, src, d_off, s_off, m, FIRST: tl.constexpr, ACC: tl.constexpr):
+        g = tl.load(src + s_off, mask=m, other=0.0).to(ACC)
+        if not FIRST:
+            g += tl.load(dst + d_off, mask=m, other=0.0).to(ACC)
+        tl.store(dst + d_off, g.to(dst.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _unpack_acc_kernel(D0, D1, D2, G0, G1, G2, sdb, sdn, sdh, sgs, sgl, sgh,
+                           n_rows, s0, nseg, L, H, W, R, N,
+                           NT: tl.constexpr, FIRST: tl.constexpr, ACC: tl.constexpr, D: tl.constexpr,
+                           BD: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        b, pos, h, real = _slot(rows, s0, nseg, L, H, W, R, N)
+        ok = (rows < n_rows) & real
+        j = (rows // H) % L
+        sl = rows // (H * L)
+        d = tl.arange(0, BD)
+        m = ok[:, None] & (d < D)[None, :]
+        d_off = (b * sdb + pos * sdn + h * sdh)[:, None] + d[None, :]
+        s_off = (sl * sgs + j * sgl + h * sgh)[:, None] + d[None, :]
+        _add(D0, G0, d_off, s_off, m, FIRST, ACC)
+        if NT > 1:
+            _add(D1, G1, d_off, s_off, m, FIRST, ACC)
+        if NT > 2:
+            _add(D2, G2, d_off, s_off, m, FIRST, ACC)
+
+    @triton.jit
+    def _view_rows(rows, L, G, s0, s1, s2):
+        g = rows % G
+        t = rows // G
+        return (t // L) * s0 + (t % L) * s1 + g * s2
+
+    @triton.jit
+    def _merge_view_kernel(OUT, LSE, O, LO, sa0, sa1, sa2, sl0, sl1, sl2, so0, so1, so2, sx0, sx1, sx2,
+                           n_rows, L, G, FIRST: tl.constexpr, CT: tl.constexpr, D: tl.constexpr,
+                           BD: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < n_rows
+        d = tl.arange(0, BD)
+        m = ok[:, None] & (d < D)[None, :]
+        x = tl.load(O + _view_rows(rows, L, G, so0, so1, so2)[:, None] + d[None, :], mask=m, other=0.0).to(CT)
+        lx = tl.load(LO + _view_rows(rows, L, G, sx0, sx1, sx2), mask=ok, other=0.0)
+        a_off = _view_rows(rows, L, G, sa0, sa1, sa2)[:, None] + d[None, :]
+        l_off = _view_rows(rows, L, G, sl0, sl1, sl2)
+        if FIRST:
+            a, la = x, lx
+        else:
+            a, la = _merge(tl.load(OUT + a_off, mask=m, other=0.0).to(CT), tl.load(LSE + l_off, mask=ok, other=0.0),
+                           x, lx)
+        tl.store(OUT + a_off, a.to(OUT.dtype.element_ty), mask=m)
+        tl.store(LSE + l_off, la, mask=ok)
+
+    @triton.jit
+    def _acc_view_kernel(D0, D1, D2, G0, G1, G2, sd0, sd1, sd2, sg0, sg1, sg2, n_rows, L, G,
+                         NT: tl.constexpr, FIRST: tl.constexpr, ACC: tl.constexpr, D: tl.constexpr,
+                         BD: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < n_rows
+        d = tl.arange(0, BD)
+        m = ok[:, None] & (d < D)[None, :]
+        d_off = _view_rows(rows, L, G, sd0, sd1, sd2)[:, None] + d[None, :]
+        s_off = _view_rows(rows, L, G, sg0, sg1, sg2)[:, None] + d[None, :]
+        _add(D0, G0, d_off, s_off, m, FIRST, ACC)
+        if NT > 1:
+            _add(D1, G1, d_off, s_off, m, FIRST, ACC)
+        if NT > 2:
+            _add(D2, G2, d_off, s_off, m, FIRST, ACC)
+
+
+# Elements (rows x padded head dim) per program and warps, per kernel; measured on an H200
+# (benchmarks/tune_fused.py). LONGNET_TRITON_LAUNCH="kernel=elems:warps,..." overrides.
+LAUNCH = {"default": (8192, 4), "_merge_view_kernel": (2048, 4), "_pack_kernel": (1024, 2),
+          "_unpack_merge_kernel": (1024, 2), "_unpack_acc_kernel": (4096, 8)}
+for _item in filter(None, os.environ.get("LONGNET_TRITON_LAUNCH", "").split(",")):
+    _name, _, _cfg = _item.partition("=")
+    LAUNCH[_name.strip()] = tuple(int(v) for v in _cfg.split(":"))
+
+
+def _launch(kernel, n_rows: int, d: int, *args, **meta):
+    bd = triton.next_power_of_2(d)
+    elems, warps = LAUNCH.get(kernel.__name__, LAUNCH["default"])
+    block = max(1, elems // bd)
+    kernel[(triton.cdiv(n_rows, block),)](*args, **meta, D=d, BD=bd, BLOCK=block, num_warps=warps)
+
+
+def _acc(t: torch.Tensor):
+    """Triton arithmetic type for ``t``'s dtype: float32, or float64 for float64."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _geometry(c: Chunk):
+    return (c.rows, c.s0, c.nseg, c.length, c.heads, c.w, c.r, c.n)
+
+
+def _same_layout(ts) -> bool:
+    return all(t.shape == ts[0].shape and t.stride() == ts[0].stride() and t.dtype == ts[0].dtype for t in ts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops: Triton where it runs, else PyTorch
+# ----------------------------------------------------------------------------------------------
+
+def pack(xs, c: Chunk, lse: torch.Tensor | None = None, out=None):
+    """Gather ``xs`` (each ``[B, N, H, *]``) into packed blocks ``[S, L, H, *]`` (padding 0),
+    and ``lse`` ``[B, N, H]`` into ``[S, H, L]`` float32 (padding ``+inf``).
+
+    ``out``: ``(blocks, lse block)`` to write into (contiguous, e.g. slices of a larger batch)
+    instead of new tensors. Returns ``(blocks, lse block)``.
+    """
+    xs = list(xs)
+    ref = xs[0] if xs else lse
+    if out is None:
+        f32 = None if lse is None else torch.promote_types(lse.dtype, torch.float32)
+        out = ([torch.empty(c.segments, c.length, c.heads, x.shape[-1], dtype=x.dtype, device=x.device) for x in xs],
+               None if lse is None else torch.empty(c.segments, c.heads, c.length, dtype=f32, device=lse.device))
+    ys, ly = list(out[0]), out[1]
+    if not use_triton(ref) or (xs and xs[0].stride(-1) != 1):
+        got, lp = _pack_torch(xs, lse, c)
+        for y, g in zip(ys, got):
+            y.copy_(g)
+        if ly is not None:
+            ly.copy_(lp)
+        return ys, ly
+    if len(xs) > 5 or not _same_layout(xs):  # e.g. v with its own head dim: one launch per tensor
+        for x, y in zip(xs, ys):
+            pack([x], c, out=([y], None))
+        if lse is not None:
+            pack([], c, lse, out=([], ly))
+        return ys, ly
+    d = xs[0].shape[-1] if xs else 1
+    xp = xs + [ref] * (5 - len(xs))
+    yp = ys + [ly if ly is not None else ref] * (5 - len(ys))
+    sx = xs[0].stride()[:3] if xs else (0, 0, 0)
+    sl = lse.stride() if lse is not None else (0, 0, 0)
+    _launch(_pack_kernel, c.rows, d, *xp, *yp, lse if lse is not None else ref, ly if ly is not None else ref,
+            *sx, *sl, *_geometry(c), NT=len(xs), HAS_LSE=lse is not None)
+    return ys, ly
+
+
+def unpack_merge_(acc: torch.Tensor, lacc: torch.Tensor, o: torch.Tensor, lo: torch.Tensor, c: Chunk, first: bool):
+    """Merge a packed kernel output ``o`` ``[S, L, H, Dv]``, ``lo`` ``[S, H, L]`` into the float32
+    accumulators ``acc`` ``[B, N, H, Dv]`` and ``lacc`` ``[B, N, H]``, in place."""
+    if not use_triton(acc) or o.stride(-1) != 1:
+        return _unpack_merge_torch(acc, lacc, o, lo, c, first)
+    lo = lo.reshape(c.segments, c.heads, c.length).to(lacc.dtype).contiguous()
+    _launch(_unpack_merge_kernel, c.rows, acc.shape[-1], acc, lacc, o, lo, *acc.stride()[:3], *lacc.stride(),
+            *o.stride()[:3], *_geometry(c), FIRST=first, CT=_acc(lacc))
+
+
+def unpack_accumulate_(dsts, grads, c: Chunk, first: bool):
+    """Add packed gradients ``grads`` (each ``[S, L, H, *]``) into ``dsts`` (``[B, N, H, *]``), in
+    place (``first``: write instead of add)."""
+    dsts, grads = list(dsts), list(grads)
+    if not use_triton(dsts[0]) or not (_same_layout(dsts) and _same_layout(grads)) or grads[0].stride(-1) != 1:
+        if use_triton(dsts[0]):  # differing layouts (e.g. a separate value head dim): one call each
+            for dst, g in zip(dsts, grads):
+                unpack_accumulate_([dst], [g], c, first)
+            return
+        return _unpack_accumulate_torch(dsts, grads, c, first)
+    dp, gp = dsts + [dsts[0]] * (3 - len(dsts)), grads + [grads[0]] * (3 - len(grads))
+    _launch(_unpack_acc_kernel, c.rows, dsts[0].shape[-1], *dp, *gp, *dsts[0].stride()[:3], *grads[0].stride()[:3],
+            *_geometry(c), NT=len(dsts), FIRST=first, ACC=_acc(dsts[0]))
+
+
+def merge_view_(acc_v: torch.Tensor, lacc_v: torch.Tensor, o: torch.Tensor, lo: torch.Tensor, first: bool):
+    """Strided plan: merge ``o`` ``[A, L, G, Dv]`` and ``lo`` ``[A, G, L]`` into the accumulator
+    views ``acc_v`` ``[A, L, G, Dv]`` and ``lacc_v`` ``[A, L, G]``, in place."""
+    lo_v = lo.transpose(1, 2)  # [A, L, G]
+    if not use_triton(acc_v) or o.stride(-1) != 1 or acc_v.stride(-1) != 1:
+        new_a, new_l = _merge_math(acc_v, lacc_v, o, lo_v, first)
+        acc_v.copy_(new_a)
+        lacc_v.copy_(new_l)
+        return
+    a, length, g, d = acc_v.shape
+    _launch(_merge_view_kernel, a * length * g, d, acc_v, lacc_v, o, lo_v, *acc_v.stride()[:3], *lacc_v.stride(),
+            *o.stride()[:3], *lo_v.stride(), a * length * g, length, g, FIRST=first, CT=_acc(lacc_v))
+
+
+def accumulate_view_(dsts, grads, first: bool):
+    """Strided plan: ``dst (+)= g`` for views ``dst`` and kernel gradients ``g`` ``[A, L, G, *]``."""
+    dsts, grads = list(dsts), list(grads)
+    if use_triton(dsts[0]) and len(dsts) > 1 and not (_same_layout(dsts) and _same_layout(grads)):
+        for dst, g in zip(dsts, grads):
+            accumulate_view_([dst], [g], first)
+        return
+    if not use_triton(dsts[0]) or grads[0].stride(-1) != 1 or dsts[0].stride(-1) != 1:
+        for dst, g in zip(dsts, grads):
+            dst.copy_(g if first else _add_math(dst, g))
+        return
+    a, length, g, d = dsts[0].shape
+    dp, gp = dsts + [dsts[0]] * (3 - len(dsts)), grads + [grads[0]] * (3 - len(grads))
+    _launch(_acc_view_kernel, a * length * g, d, *dp, *gp, *dsts[0].stride()[:3], *grads[0].stride()[:3],
+            a * length * g, length, g, NT=len(dsts), FIRST=first, ACC=_acc(dsts[0]))
+
+
+__all__ = ["Chunk", "chunks", "packed_view", "pack", "unpack_merge_", "unpack_accumulate_", "merge_view_",
+           "accumulate_view_", "use_triton"]
