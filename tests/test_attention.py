@@ -234,3 +234,22 @@ def test_folded_calls_match_reference(monkeypatch, fold, max_rows, n):
     dout = torch.randn_like(ref)
     assert _max_err([out], [ref]) < TOL
     assert _max_err(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)) < TOL
+
+
+@pytest.mark.parametrize("plan_name", ["packed", "strided"])
+def test_bf16_merges_stay_within_bf16_error(monkeypatch, plan_name):
+    """FORWARD_ACC='input' (bf16 merges, the default) and 'float32' both match the float64
+    reference to bf16 accuracy, and to each other up to a few bf16 roundings."""
+    q, k, v = _inputs(1, 200, 4, 16, seed=3)
+    pattern = DilationPattern([16, 32, 64], [1, 2, 4])
+    ref = dilated_attention_reference(q, k, v, pattern)
+    outs = {}
+    with plan(plan_name):
+        for acc in ("input", "float32"):
+            monkeypatch.setattr(dil, "FORWARD_ACC", acc)
+            outs[acc] = dilated_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pattern, backend="torch")
+            assert outs[acc].dtype == torch.bfloat16
+            rel = ((outs[acc].double() - ref).norm() / ref.norm()).item()
+            assert rel < 1e-2
+    assert not torch.equal(outs["input"], outs["float32"])  # the modes really differ
+    torch.testing.assert_close(outs["input"], outs["float32"], rtol=2e-2, atol=2e-2)

@@ -204,3 +204,21 @@ def test_rotary_matches_its_closed_form(xpos):
     for x, y, sgn in ((q, qr, 1), (k, kr, -1)):
         z = torch.complex(x[..., : d // 2], x[..., d // 2:]) * turn * scale[None, :, None] ** sgn
         torch.testing.assert_close(y, torch.cat((z.real, z.imag), -1), rtol=1e-12, atol=1e-12)
+
+
+def test_layernorm_keeps_half_precision_under_autocast():
+    from longnet_lightning.attention.multihead import LayerNorm
+
+    torch.manual_seed(0)
+    ln = LayerNorm(24)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 5, 24).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ln(x)
+        y32 = ln(x.float())  # float32 input: autocast's usual float32 LayerNorm
+    assert y.dtype == torch.bfloat16 and y32.dtype == torch.float32
+    expected = torch.nn.functional.layer_norm(x.float(), (24,), ln.weight, ln.bias, ln.eps)
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)  # bf16 rounding of the same values
+    torch.testing.assert_close(ln(x.float()), expected)  # no autocast: plain nn.LayerNorm
