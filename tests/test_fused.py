@@ -148,3 +148,14 @@ def test_folded_packed_calls_with_triton_match_reference(triton_only, monkeypatc
     for x, y in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_a_triton_kernel_that_cannot_build_falls_back_to_pytorch_once(monkeypatch):
+    monkeypatch.setenv("LONGNET_TRITON", "interpret")
+    monkeypatch.setattr(fused, "_triton_failed", False)
+    monkeypatch.setitem(fused.LAUNCH, "_unpack_merge_kernel", (3 * 64, 4))  # 3 rows: not a power of 2
+    q, k, v = (torch.randn(1, 40, 2, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3))
+    with pytest.warns(UserWarning, match="_unpack_merge_kernel failed.*PyTorch"):
+        out = dilated_attention(q, k, v, [8, 16], [1, 2], backend="torch")
+    assert fused._triton_failed and not fused.use_triton(q)
+    torch.testing.assert_close(out, dilated_attention_reference(q, k, v, DilationPattern([8, 16], [1, 2])))

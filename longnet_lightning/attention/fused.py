@@ -5,7 +5,7 @@ and a plain PyTorch one (any device; the specification the Triton kernels are te
 
 * **views** (strided plan): a kernel call's rows are a strided view ``[A, L, G, D]`` of
   ``[B, N, H, D]`` (:func:`.pattern.block_view`). :func:`merge_view_` folds the call's output
-  into the float32 accumulators; :func:`accumulate_view_` adds its gradients into dq, dk, dv.
+  into the accumulators; :func:`accumulate_view_` adds its gradients into dq, dk, dv.
 * **packed** (packed plan): a :class:`Chunk` of one branch's segments, every head, as a dense
   ``[S, L, H, D]`` block (slot ``(s, j, h)`` holds position ``seg*w + h%r + j*r``; slots past a
   segment or the sequence are padding, always the last rows of their segment). :func:`pack`
@@ -19,6 +19,7 @@ Gradients are accumulated in the gradient's dtype with float32 arithmetic.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +33,15 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+_triton_failed = False  # set once a Triton kernel cannot be built here; PyTorch takes over
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Triton kernels for CUDA tensors when Triton is installed (``LONGNET_TRITON=0`` turns
     them off; ``LONGNET_TRITON=interpret`` also runs them on CPU through Triton's interpreter,
     which is how the CPU tests check them)."""
     mode = os.environ.get("LONGNET_TRITON", "1")
-    if triton is None or mode == "0":
+    if triton is None or mode == "0" or _triton_failed:
         return False
     return x.is_cuda or (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -318,11 +322,24 @@ for _item in filter(None, os.environ.get("LONGNET_TRITON_LAUNCH", "").split(",")
     LAUNCH[_name.strip()] = tuple(int(v) for v in _cfg.split(":"))
 
 
-def _launch(kernel, n_rows: int, d: int, *args, **meta):
+def _launch(kernel, n_rows: int, d: int, *args, **meta) -> bool:
+    """Launch ``kernel`` over ``n_rows`` rows; False (said once) if Triton cannot build it here
+    (no C compiler, an unsupported GPU, ...), after which every op takes the PyTorch path."""
+    global _triton_failed
     bd = triton.next_power_of_2(d)
     elems, warps = LAUNCH.get(kernel.__name__, LAUNCH["default"])
     block = max(1, elems // bd)
-    kernel[(triton.cdiv(n_rows, block),)](*args, **meta, D=d, BD=bd, BLOCK=block, num_warps=warps)
+    try:
+        kernel[(triton.cdiv(n_rows, block),)](*args, **meta, D=d, BD=bd, BLOCK=block, num_warps=warps)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - compilation happens at the first launch
+        _triton_failed = True
+        warnings.warn(f"longnet_lightning: the Triton kernel {kernel.__name__} failed ({type(e).__name__}: "
+                      f"{str(e).strip()[:300]}); using PyTorch data movement from now on (slower). "
+                      "Set LONGNET_TRITON=0 to choose that explicitly.", stacklevel=3)
+        return False
+    return True
 
 
 def _acc(t: torch.Tensor):
@@ -356,83 +373,85 @@ def pack(xs, c: Chunk, lse: torch.Tensor | None = None, out=None):
         out = ([torch.empty(c.segments, c.length, c.heads, x.shape[-1], dtype=x.dtype, device=x.device) for x in xs],
                None if lse is None else torch.empty(c.segments, c.heads, c.length, dtype=f32, device=lse.device))
     ys, ly = list(out[0]), out[1]
-    if not use_triton(ref) or (xs and xs[0].stride(-1) != 1):
-        got, lp = _pack_torch(xs, lse, c)
-        for y, g in zip(ys, got):
-            y.copy_(g)
-        if ly is not None:
-            ly.copy_(lp)
-        return ys, ly
-    if len(xs) > 5 or not _same_layout(xs):  # e.g. v with its own head dim: one launch per tensor
-        for x, y in zip(xs, ys):
-            pack([x], c, out=([y], None))
-        if lse is not None:
-            pack([], c, lse, out=([], ly))
-        return ys, ly
-    d = xs[0].shape[-1] if xs else 1
-    xp = xs + [ref] * (5 - len(xs))
-    yp = ys + [ly if ly is not None else ref] * (5 - len(ys))
-    sx = xs[0].stride()[:3] if xs else (0, 0, 0)
-    sl = lse.stride() if lse is not None else (0, 0, 0)
-    _launch(_pack_kernel, c.rows, d, *xp, *yp, lse if lse is not None else ref, ly if ly is not None else ref,
-            *sx, *sl, *_geometry(c), NT=len(xs), HAS_LSE=lse is not None)
+    if use_triton(ref) and not (xs and xs[0].stride(-1) != 1):
+        if len(xs) > 5 or not _same_layout(xs):  # e.g. v with its own head dim: one launch per tensor
+            for x, y in zip(xs, ys):
+                pack([x], c, out=([y], None))
+            if lse is not None:
+                pack([], c, lse, out=([], ly))
+            return ys, ly
+        xp = xs + [ref] * (5 - len(xs))
+        yp = ys + [ly if ly is not None else ref] * (5 - len(ys))
+        sx = xs[0].stride()[:3] if xs else (0, 0, 0)
+        sl = lse.stride() if lse is not None else (0, 0, 0)
+        if _launch(_pack_kernel, c.rows, xs[0].shape[-1] if xs else 1, *xp, *yp, lse if lse is not None else ref,
+                   ly if ly is not None else ref, *sx, *sl, *_geometry(c), NT=len(xs), HAS_LSE=lse is not None):
+            return ys, ly
+    got, lp = _pack_torch(xs, lse, c)
+    for y, g in zip(ys, got):
+        y.copy_(g)
+    if ly is not None:
+        ly.copy_(lp)
     return ys, ly
 
 
 def unpack_merge_(acc: torch.Tensor, lacc: torch.Tensor, o: torch.Tensor, lo: torch.Tensor, c: Chunk, first: bool):
-    """Merge a packed kernel output ``o`` ``[S, L, H, Dv]``, ``lo`` ``[S, H, L]`` into the float32
-    accumulators ``acc`` ``[B, N, H, Dv]`` and ``lacc`` ``[B, N, H]``, in place."""
-    if not use_triton(acc) or o.stride(-1) != 1:
-        return _unpack_merge_torch(acc, lacc, o, lo, c, first)
-    lo = lo.reshape(c.segments, c.heads, c.length).to(lacc.dtype).contiguous()
-    _launch(_unpack_merge_kernel, c.rows, acc.shape[-1], acc, lacc, o, lo, *acc.stride()[:3], *lacc.stride(),
-            *o.stride()[:3], *_geometry(c), FIRST=first, CT=_acc(lacc))
+    """Merge a packed kernel output ``o`` ``[S, L, H, Dv]``, ``lo`` ``[S, H, L]`` into the
+    accumulators ``acc`` ``[B, N, H, Dv]`` and ``lacc`` ``[B, N, H]`` (float32/64), in place."""
+    if use_triton(acc) and o.stride(-1) == 1:
+        lo_c = lo.reshape(c.segments, c.heads, c.length).to(lacc.dtype).contiguous()
+        if _launch(_unpack_merge_kernel, c.rows, acc.shape[-1], acc, lacc, o, lo_c, *acc.stride()[:3], *lacc.stride(),
+                   *o.stride()[:3], *_geometry(c), FIRST=first, CT=_acc(lacc)):
+            return
+    _unpack_merge_torch(acc, lacc, o, lo, c, first)
 
 
 def unpack_accumulate_(dsts, grads, c: Chunk, first: bool):
     """Add packed gradients ``grads`` (each ``[S, L, H, *]``) into ``dsts`` (``[B, N, H, *]``), in
     place (``first``: write instead of add)."""
     dsts, grads = list(dsts), list(grads)
-    if not use_triton(dsts[0]) or not (_same_layout(dsts) and _same_layout(grads)) or grads[0].stride(-1) != 1:
-        if use_triton(dsts[0]):  # differing layouts (e.g. a separate value head dim): one call each
+    if use_triton(dsts[0]) and grads[0].stride(-1) == 1:
+        if len(dsts) > 1 and not (_same_layout(dsts) and _same_layout(grads)):  # e.g. v's own head dim
             for dst, g in zip(dsts, grads):
                 unpack_accumulate_([dst], [g], c, first)
             return
-        return _unpack_accumulate_torch(dsts, grads, c, first)
-    dp, gp = dsts + [dsts[0]] * (3 - len(dsts)), grads + [grads[0]] * (3 - len(grads))
-    _launch(_unpack_acc_kernel, c.rows, dsts[0].shape[-1], *dp, *gp, *dsts[0].stride()[:3], *grads[0].stride()[:3],
-            *_geometry(c), NT=len(dsts), FIRST=first, ACC=_acc(dsts[0]))
+        dp, gp = dsts + [dsts[0]] * (3 - len(dsts)), grads + [grads[0]] * (3 - len(grads))
+        if _launch(_unpack_acc_kernel, c.rows, dsts[0].shape[-1], *dp, *gp, *dsts[0].stride()[:3],
+                   *grads[0].stride()[:3], *_geometry(c), NT=len(dsts), FIRST=first, ACC=_acc(dsts[0])):
+            return
+    _unpack_accumulate_torch(dsts, grads, c, first)
 
 
 def merge_view_(acc_v: torch.Tensor, lacc_v: torch.Tensor, o: torch.Tensor, lo: torch.Tensor, first: bool):
     """Strided plan: merge ``o`` ``[A, L, G, Dv]`` and ``lo`` ``[A, G, L]`` into the accumulator
     views ``acc_v`` ``[A, L, G, Dv]`` and ``lacc_v`` ``[A, L, G]``, in place."""
     lo_v = lo.transpose(1, 2)  # [A, L, G]
-    if not use_triton(acc_v) or o.stride(-1) != 1 or acc_v.stride(-1) != 1:
-        new_a, new_l = _merge_math(acc_v, lacc_v, o, lo_v, first)
-        acc_v.copy_(new_a)
-        lacc_v.copy_(new_l)
-        return
-    a, length, g, d = acc_v.shape
-    _launch(_merge_view_kernel, a * length * g, d, acc_v, lacc_v, o, lo_v, *acc_v.stride()[:3], *lacc_v.stride(),
-            *o.stride()[:3], *lo_v.stride(), a * length * g, length, g, FIRST=first, CT=_acc(lacc_v))
+    if use_triton(acc_v) and o.stride(-1) == 1 and acc_v.stride(-1) == 1:
+        a, length, g, d = acc_v.shape
+        if _launch(_merge_view_kernel, a * length * g, d, acc_v, lacc_v, o, lo_v, *acc_v.stride()[:3],
+                   *lacc_v.stride(), *o.stride()[:3], *lo_v.stride(), a * length * g, length, g, FIRST=first,
+                   CT=_acc(lacc_v)):
+            return
+    new_a, new_l = _merge_math(acc_v, lacc_v, o, lo_v, first)
+    acc_v.copy_(new_a)
+    lacc_v.copy_(new_l)
 
 
 def accumulate_view_(dsts, grads, first: bool):
     """Strided plan: ``dst (+)= g`` for views ``dst`` and kernel gradients ``g`` ``[A, L, G, *]``."""
     dsts, grads = list(dsts), list(grads)
-    if use_triton(dsts[0]) and len(dsts) > 1 and not (_same_layout(dsts) and _same_layout(grads)):
-        for dst, g in zip(dsts, grads):
-            accumulate_view_([dst], [g], first)
-        return
-    if not use_triton(dsts[0]) or grads[0].stride(-1) != 1 or dsts[0].stride(-1) != 1:
-        for dst, g in zip(dsts, grads):
-            dst.copy_(g if first else _add_math(dst, g))
-        return
-    a, length, g, d = dsts[0].shape
-    dp, gp = dsts + [dsts[0]] * (3 - len(dsts)), grads + [grads[0]] * (3 - len(grads))
-    _launch(_acc_view_kernel, a * length * g, d, *dp, *gp, *dsts[0].stride()[:3], *grads[0].stride()[:3],
-            a * length * g, length, g, NT=len(dsts), FIRST=first, ACC=_acc(dsts[0]))
+    if use_triton(dsts[0]) and grads[0].stride(-1) == 1 and dsts[0].stride(-1) == 1:
+        if len(dsts) > 1 and not (_same_layout(dsts) and _same_layout(grads)):
+            for dst, g in zip(dsts, grads):
+                accumulate_view_([dst], [g], first)
+            return
+        a, length, g, d = dsts[0].shape
+        dp, gp = dsts + [dsts[0]] * (3 - len(dsts)), grads + [grads[0]] * (3 - len(grads))
+        if _launch(_acc_view_kernel, a * length * g, d, *dp, *gp, *dsts[0].stride()[:3], *grads[0].stride()[:3],
+                   a * length * g, length, g, NT=len(dsts), FIRST=first, ACC=_acc(dsts[0])):
+            return
+    for dst, g in zip(dsts, grads):
+        dst.copy_(g if first else _add_math(dst, g))
 
 
 __all__ = ["Chunk", "chunks", "packed_view", "pack", "unpack_merge_", "unpack_accumulate_", "merge_view_",
