@@ -12,6 +12,7 @@ attention does). Gradients are accumulated through the same views into dq, dk, d
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -69,12 +70,17 @@ def _plan(pattern: DilationPattern, q: torch.Tensor):
     results are written, not merged, and the accumulators need no initialisation.
     """
     bsz, n, h, _ = q.shape
+    return _strided_plan(pattern, bsz, n, h, MAX_ROWS_PER_CALL)
+
+
+@functools.lru_cache(maxsize=64)  # the plan depends on shapes only: built once per (pattern, shape)
+def _strided_plan(pattern: DilationPattern, bsz: int, n: int, h: int, max_rows: int):
     branches = _branches(pattern)
     plan = []
     for i, (w, r) in enumerate(branches):
         for blk in plan_branch(n, h, w, r, bsz):
-            plan += [(i, sub) for sub in split_block(blk, MAX_ROWS_PER_CALL)]
-    return plan, branches[0][1] == 1
+            plan += [(i, sub) for sub in split_block(blk, max_rows)]
+    return tuple(plan), branches[0][1] == 1
 
 
 def dilated_forward(q, k, v, pattern: DilationPattern, causal: bool, scale: float, kernel):
@@ -135,7 +141,7 @@ def use_packed(q: torch.Tensor, causal: bool) -> bool:
 FOLD_EQUAL_LENGTHS = os.environ.get("LONGNET_PACKED_FOLD", "1") != "0"
 
 
-def _packed_calls(pattern: DilationPattern, q: torch.Tensor) -> list[list[tuple[bool, Chunk]]]:
+def _packed_calls(pattern: DilationPattern, q: torch.Tensor) -> tuple[tuple[tuple[bool, Chunk], ...], ...]:
     """Kernel calls of the packed plan, in merge order: each a list of ``(first, chunk)``.
 
     ``first`` marks chunks of the first branch when it covers every row (``r = 1``): they are
@@ -143,19 +149,24 @@ def _packed_calls(pattern: DilationPattern, q: torch.Tensor) -> list[list[tuple[
     with earlier ones of the same length (see ``FOLD_EQUAL_LENGTHS``).
     """
     bsz, n, h, _ = q.shape
+    return _packed_plan(pattern, bsz, n, h, MAX_ROWS_PER_CALL, FOLD_EQUAL_LENGTHS)
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_plan(pattern: DilationPattern, bsz: int, n: int, h: int, max_rows: int, fold: bool):
     covered = 1 in pattern.dilation_rates
     calls, by_length = [], {}
     for i, (w, r) in enumerate(_branches(pattern)):
-        for c in chunks(bsz, n, h, w, r, MAX_ROWS_PER_CALL):
+        for c in chunks(bsz, n, h, w, r, max_rows):
             item = (i == 0 and covered, c)
             whole = c.s0 == 0 and c.s1 == bsz * c.nseg
-            if FOLD_EQUAL_LENGTHS and whole and c.length in by_length:
+            if fold and whole and c.length in by_length:
                 by_length[c.length].append(item)
                 continue
             calls.append([item])
             if whole:
                 by_length.setdefault(c.length, calls[-1])
-    return calls
+    return tuple(tuple(call) for call in calls)
 
 
 def _gather(call, xs, lse=None):
