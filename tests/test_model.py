@@ -222,3 +222,14 @@ def test_layernorm_keeps_half_precision_under_autocast():
     expected = torch.nn.functional.layer_norm(x.float(), (24,), ln.weight, ln.bias, ln.eps)
     torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)  # bf16 rounding of the same values
     torch.testing.assert_close(ln(x.float()), expected)  # no autocast: plain nn.LayerNorm
+
+
+def test_rotary_tables_are_shared_by_layers_and_bounded():
+    from longnet_lightning.attention import position
+
+    a, b = Rotary(8, xpos_scale_base=512.0, anchor_block=64), Rotary(8, xpos_scale_base=512.0, anchor_block=64)
+    ta = a.factors(100, 0, "cpu", torch.float32)
+    assert all(x is y for x, y in zip(ta, b.factors(100, 0, "cpu", torch.float32)))  # one copy for all layers
+    for n in range(1, 10):
+        a.factors(n, 0, "cpu", torch.float32)
+    assert len(position._FACTORS) <= position._FACTORS_KEPT

@@ -9,11 +9,15 @@ exactly XPOS for every query-key pair dilated attention computes.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
-# Rotation/decay factors, shared by all Rotary modules; the current sequence length only.
-_FACTORS: dict = {}
+# Rotation/decay factors, shared by all Rotary modules: the few most recent (length, start,
+# device, dtype, mode) keys, e.g. training and validation lengths, or one per device.
+_FACTORS: OrderedDict = OrderedDict()
+_FACTORS_KEPT = 4
 # |exponent| * |log zeta_min| must stay well inside float32's range (about 87).
 _XPOS_MAX_HALF_SPAN = 35_000
 
@@ -71,14 +75,16 @@ class Rotary(nn.Module):
     def factors(self, n: int, start: int, device, dtype) -> tuple[torch.Tensor, ...]:
         """``(cq, sq, ck, sk)``, each ``[N, D]`` in ``dtype``: ``rotate(x) = x * c + rotate_half(x) * s``.
 
-        Shared by every layer with the same settings (one copy, not one per layer), and rebuilt
-        only when the length, start, device, dtype or inference mode changes (tables made under
-        ``inference_mode`` cannot be saved for backward).
+        Shared by every layer with the same settings (one copy, not one per layer); the last few
+        (length, start, device, dtype, inference mode) combinations are kept (tables made under
+        ``inference_mode`` cannot be saved for backward, so that mode has its own).
         """
         key = (self.head_dim, self.theta, self.scale_base, self.gamma, self.anchor_block, n, start,
                torch.device(device), dtype, torch.is_inference_mode_enabled())
         hit = _FACTORS.get(key)
-        if hit is None:
+        if hit is not None:
+            _FACTORS.move_to_end(key)
+        else:
             cos, sin, decay = self._tables(n, start, device)
             c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
             if decay is None:
@@ -87,8 +93,9 @@ class Rotary(nn.Module):
                 d = torch.cat((decay, decay), -1)
                 hit = (c * d, s * d, c / d, s / d)
             hit = tuple(t.to(dtype) for t in hit)
-            _FACTORS.clear()  # one length at a time: a new length replaces the old tables
             _FACTORS[key] = hit
+            while len(_FACTORS) > _FACTORS_KEPT:
+                _FACTORS.popitem(last=False)
         return hit
 
     @staticmethod
