@@ -7,7 +7,6 @@ Strided plan: a ``(w=4096, r=2)`` block of N = 1M (merge in bf16, gradient accum
 Packed plan: branch ``(4096, 2)`` of N = 32K (gather of five tensors and the LSE, merge, scatter-add).
 """
 import os
-import statistics
 import sys
 
 import torch
@@ -17,22 +16,10 @@ from longnet_lightning.attention import fused  # noqa: E402
 from longnet_lightning.attention.kernels import KERNELS  # noqa: E402
 from longnet_lightning.attention.pattern import block_view, plan_branch, split_block  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from attention import bench_ms  # noqa: E402  (CUDA-event median, after warm-up)
+
 CONFIGS = [(1024, 2), (2048, 2), (2048, 4), (4096, 4), (8192, 4), (4096, 8), (8192, 8), (16384, 8)]
-
-
-def bench(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def main():
@@ -69,7 +56,7 @@ def main():
         row = []
         for name, (nbytes, fn) in cases.items():
             fused.LAUNCH[name] = cfg
-            gbs = nbytes / bench(fn) / 1e6
+            gbs = nbytes / bench_ms(fn, reps=20) / 1e6
             row.append(gbs)
             best[name] = max(best.get(name, (0, cfg)), (gbs, cfg))
             fused.LAUNCH.pop(name)

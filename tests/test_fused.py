@@ -159,3 +159,9 @@ def test_a_triton_kernel_that_cannot_build_falls_back_to_pytorch_once(monkeypatc
         out = dilated_attention(q, k, v, [8, 16], [1, 2], backend="torch")
     assert fused._triton_failed and not fused.use_triton(q)
     torch.testing.assert_close(out, dilated_attention_reference(q, k, v, DilationPattern([8, 16], [1, 2])))
+
+
+def test_bad_settings_name_themselves(monkeypatch):
+    monkeypatch.setenv("LONGNET_TRITON", "yes")
+    with pytest.raises(ValueError, match="LONGNET_TRITON='yes'"):
+        fused.use_triton(torch.zeros(1))

@@ -46,6 +46,8 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
 # memory traffic). On an H200 at 1M tokens "input" takes the forward from 25.8 to 20.9 ms, and
 # the error against the float64 reference moves from 3.3e-3 to at most 3.4e-3 (RESULTS.md).
 FORWARD_ACC = os.environ.get("LONGNET_FORWARD_ACC", "input")
+if FORWARD_ACC not in ("input", "float32"):
+    raise ValueError(f"LONGNET_FORWARD_ACC={FORWARD_ACC!r}: use 'input' (default) or 'float32'")
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:

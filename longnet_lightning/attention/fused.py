@@ -41,6 +41,8 @@ def use_triton(x: torch.Tensor) -> bool:
     them off; ``LONGNET_TRITON=interpret`` also runs them on CPU through Triton's interpreter,
     which is how the CPU tests check them)."""
     mode = os.environ.get("LONGNET_TRITON", "1")
+    if mode not in ("0", "1", "interpret"):
+        raise ValueError(f"LONGNET_TRITON={mode!r}: use 1 (default), 0 (PyTorch data movement) or interpret")
     if triton is None or mode == "0" or _triton_failed:
         return False
     return x.is_cuda or (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1")
@@ -184,6 +186,17 @@ if triton is not None:
         return a + (x - a) * tl.exp(lx - new)[:, None], new
 
     @triton.jit
+    def _merge_store(OUT, LSE, a_off, l_off, m, ok, x, lx, FIRST: tl.constexpr, CT: tl.constexpr):
+        """Merge rows ``x`` (LSE ``lx``) into ``OUT``/``LSE`` at the given offsets (write if FIRST)."""
+        if FIRST:
+            a, la = x, lx
+        else:
+            a, la = _merge(tl.load(OUT + a_off, mask=m, other=0.0).to(CT), tl.load(LSE + l_off, mask=ok, other=0.0),
+                           x, lx)
+        tl.store(OUT + a_off, a.to(OUT.dtype.element_ty), mask=m)
+        tl.store(LSE + l_off, la, mask=ok)
+
+    @triton.jit
     def _move(src, dst, s_off, d_off, m_in, d, m_out):
         x = tl.load(src + s_off[:, None] + d[None, :], mask=m_in, other=0.0)
         tl.store(dst + d_off[:, None] + d[None, :], x, mask=m_out)
@@ -235,13 +248,7 @@ if triton is not None:
         lx = tl.load(LO + (sl * H + h) * L + j, mask=ok, other=0.0)
         a_off = (b * sab + pos * san + h * sah)[:, None] + d[None, :]
         l_off = b * slb + pos * sln + h * slh
-        if FIRST:
-            a, la = x, lx
-        else:
-            a, la = _merge(tl.load(OUT + a_off, mask=m, other=0.0).to(CT), tl.load(LSE + l_off, mask=ok, other=0.0),
-                           x, lx)
-        tl.store(OUT + a_off, a.to(OUT.dtype.element_ty), mask=m)
-        tl.store(LSE + l_off, la, mask=ok)
+        _merge_store(OUT, LSE, a_off, l_off, m, ok, x, lx, FIRST, CT)
 
     @triton.jit
     def _add(dst, src, d_off, s_off, m, FIRST: tl.constexpr, ACC: tl.constexpr):
@@ -249,6 +256,14 @@ if triton is not None:
         if not FIRST:
             g += tl.load(dst + d_off, mask=m, other=0.0).to(ACC)
         tl.store(dst + d_off, g.to(dst.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _add3(D0, D1, D2, G0, G1, G2, d_off, s_off, m, NT: tl.constexpr, FIRST: tl.constexpr, ACC: tl.constexpr):
+        _add(D0, G0, d_off, s_off, m, FIRST, ACC)
+        if NT > 1:
+            _add(D1, G1, d_off, s_off, m, FIRST, ACC)
+        if NT > 2:
+            _add(D2, G2, d_off, s_off, m, FIRST, ACC)
 
     @triton.jit
     def _unpack_acc_kernel(D0, D1, D2, G0, G1, G2, sdb, sdn, sdh, sgs, sgl, sgh,
@@ -264,11 +279,7 @@ if triton is not None:
         m = ok[:, None] & (d < D)[None, :]
         d_off = (b * sdb + pos * sdn + h * sdh)[:, None] + d[None, :]
         s_off = (sl * sgs + j * sgl + h * sgh)[:, None] + d[None, :]
-        _add(D0, G0, d_off, s_off, m, FIRST, ACC)
-        if NT > 1:
-            _add(D1, G1, d_off, s_off, m, FIRST, ACC)
-        if NT > 2:
-            _add(D2, G2, d_off, s_off, m, FIRST, ACC)
+        _add3(D0, D1, D2, G0, G1, G2, d_off, s_off, m, NT, FIRST, ACC)
 
     @triton.jit
     def _view_rows(rows, L, G, s0, s1, s2):
@@ -288,13 +299,7 @@ if triton is not None:
         lx = tl.load(LO + _view_rows(rows, L, G, sx0, sx1, sx2), mask=ok, other=0.0)
         a_off = _view_rows(rows, L, G, sa0, sa1, sa2)[:, None] + d[None, :]
         l_off = _view_rows(rows, L, G, sl0, sl1, sl2)
-        if FIRST:
-            a, la = x, lx
-        else:
-            a, la = _merge(tl.load(OUT + a_off, mask=m, other=0.0).to(CT), tl.load(LSE + l_off, mask=ok, other=0.0),
-                           x, lx)
-        tl.store(OUT + a_off, a.to(OUT.dtype.element_ty), mask=m)
-        tl.store(LSE + l_off, la, mask=ok)
+        _merge_store(OUT, LSE, a_off, l_off, m, ok, x, lx, FIRST, CT)
 
     @triton.jit
     def _acc_view_kernel(D0, D1, D2, G0, G1, G2, sd0, sd1, sd2, sg0, sg1, sg2, n_rows, L, G,
@@ -306,11 +311,7 @@ if triton is not None:
         m = ok[:, None] & (d < D)[None, :]
         d_off = _view_rows(rows, L, G, sd0, sd1, sd2)[:, None] + d[None, :]
         s_off = _view_rows(rows, L, G, sg0, sg1, sg2)[:, None] + d[None, :]
-        _add(D0, G0, d_off, s_off, m, FIRST, ACC)
-        if NT > 1:
-            _add(D1, G1, d_off, s_off, m, FIRST, ACC)
-        if NT > 2:
-            _add(D2, G2, d_off, s_off, m, FIRST, ACC)
+        _add3(D0, D1, D2, G0, G1, G2, d_off, s_off, m, NT, FIRST, ACC)
 
 
 # Elements (rows x padded head dim) per program and warps, per kernel; measured on an H200
@@ -319,7 +320,12 @@ LAUNCH = {"default": (8192, 4), "_merge_view_kernel": (2048, 4), "_pack_kernel":
           "_unpack_merge_kernel": (1024, 2), "_unpack_acc_kernel": (4096, 8)}
 for _item in filter(None, os.environ.get("LONGNET_TRITON_LAUNCH", "").split(",")):
     _name, _, _cfg = _item.partition("=")
-    LAUNCH[_name.strip()] = tuple(int(v) for v in _cfg.split(":"))
+    try:
+        _elems, _warps = (int(v) for v in _cfg.split(":"))
+    except ValueError:
+        raise ValueError(f"LONGNET_TRITON_LAUNCH item {_item!r}: write kernel=elements:warps, "
+                         "e.g. _pack_kernel=1024:2") from None
+    LAUNCH[_name.strip()] = (_elems, _warps)
 
 
 def _launch(kernel, n_rows: int, d: int, *args, **meta) -> bool:
