@@ -16,6 +16,7 @@ _EXPORTS = {
     "dilated_attention_reference": "attention",
     "DilatedAttention": "attention",
     "DilationPattern": "attention",
+    "AttentionSettings": "attention",
     "MultiheadDilatedAttention": "attention.multihead",
     "dense_attention": "attention.multihead",
     "LongNetConfig": "model",

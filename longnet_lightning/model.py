@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention.kernels import BACKENDS
 from .attention.multihead import LayerNorm, MultiheadDilatedAttention
+from .attention.settings import AttentionSettings
 
 # Attention patterns (segment_lengths, dilation_rates).
 PATTERNS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -60,6 +61,7 @@ class LongNetConfig:
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     attn_backend: str = "auto"
+    attention_settings: AttentionSettings = field(default_factory=AttentionSettings)  # how attention runs
     loss_chunk_size: int = 4096  # tokens per chunk of the LM head + cross-entropy
 
     def __post_init__(self):
@@ -79,6 +81,7 @@ class LongNetConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         self.segment_lengths, self.dilation_rates = list(self.segment_lengths), list(self.dilation_rates)
+        self.attention_settings = AttentionSettings.of(self.attention_settings)
         if self.attention == "dilated":
             from .attention.pattern import DilationPattern
 
@@ -156,12 +159,13 @@ class Block(nn.Module):
             causal=True, dropout=cfg.dropout, bias=cfg.bias, sub_layernorm=cfg.sub_layernorm,
             layer_norm_eps=cfg.norm_eps, position=None if cfg.position == "none" else cfg.position,
             rope_theta=cfg.rope_theta, xpos_scale_base=cfg.xpos_scale_base, backend=cfg.attn_backend,
+            settings=cfg.attention_settings,
         )
         self.norm2 = LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, start_pos: int = 0):  # [B, N, E] -> [B, N, E]
-        x = x + self.attn(self.norm1(x), start_pos=start_pos)
+    def forward(self, x, start_pos: int = 0, group=None, lengths=None):  # [B, N, E] -> [B, N, E]
+        x = x + self.attn(self.norm1(x), start_pos=start_pos, group=group, lengths=lengths)
         return x + self.ffn(self.norm2(x))
 
 
@@ -193,8 +197,13 @@ class LongNet(nn.Module):
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
 
-    def hidden_states(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Token ids ``[B, N]`` → final-normed hidden states ``[B, N, E]``."""
+    def hidden_states(self, idx: torch.Tensor, start_pos: int = 0, group=None) -> torch.Tensor:
+        """Token ids ``[B, N]`` → final-normed hidden states ``[B, N, E]``.
+
+        ``group``: a process group over which each sequence is split; ``idx`` is this rank's
+        contiguous chunk (ranks in position order, lengths may differ) and the result its chunk of
+        the hidden states, equal to those rows of one process on the whole sequence.
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must be [B, N] token ids, got shape {tuple(idx.shape)}")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
@@ -202,29 +211,36 @@ class LongNet(nn.Module):
                 f"token ids must be in [0, vocab_size={self.config.vocab_size}), got "
                 f"[{int(idx.min())}, {int(idx.max())}]: the tokenizer and the model disagree"
             )
+        lengths = None
+        if group is not None:  # one exchange of the chunk lengths for all layers
+            from .distributed.sequence import gather_lengths
+
+            lengths = gather_lengths(group, idx.shape[1], idx.device, batch=idx.shape[0])
         x = self.drop(self.embed(idx))
         for blk in self.blocks:
             if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, start_pos, use_reentrant=False)
+                x = checkpoint(blk, x, start_pos, group, lengths, use_reentrant=False)
             else:
-                x = blk(x, start_pos)
+                x = blk(x, start_pos, group, lengths)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start_pos: int = 0, last_only: bool = False, group=None) -> torch.Tensor:
         """Logits ``[B, N, V]`` (``[B, 1, V]`` with ``last_only``). Prefer :meth:`loss` for training."""
-        h = self.hidden_states(idx, start_pos)
+        h = self.hidden_states(idx, start_pos, group)
         return self.lm_head(h[:, -1:] if last_only else h)
 
-    def loss(self, idx: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    def loss(self, idx: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", group=None):
         """Next-token cross-entropy, computed ``loss_chunk_size`` tokens at a time.
 
         ``labels`` ``[B, N]`` (``-100`` = not scored). ``reduction``: ``"mean"`` over scored
         tokens, ``"sum"``, or ``"none"`` (``[B, N]`` NLL, 0 where not scored). Logits are never
-        materialised for more than one chunk, in the forward or the backward.
+        materialised for more than one chunk, in the forward or the backward. With ``group``
+        (see :meth:`hidden_states`) it is this rank's chunk's loss: sum it over the group.
         """
         if labels.shape != idx.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match idx {tuple(idx.shape)}")
-        nll = chunked_cross_entropy(self.hidden_states(idx), self.lm_head.weight, labels, self.config.loss_chunk_size)
+        nll = chunked_cross_entropy(self.hidden_states(idx, group=group), self.lm_head.weight, labels,
+                                    self.config.loss_chunk_size)
         if reduction == "none":
             return nll
         total = nll.sum()

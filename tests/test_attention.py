@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from longnet_lightning import DilatedAttention, DilationPattern, dilated_attention, dilated_attention_reference
 import longnet_lightning.attention.dilated as dil
 from longnet_lightning.attention.kernels import KERNELS
+from longnet_lightning.attention.plan import packed_plan
+from longnet_lightning.attention.settings import AttentionSettings
 from longnet_lightning.attention.reference import multiplicity
 
-CPU_BACKENDS = [n for n, k in KERNELS.items() if k.supports(torch.zeros(1, 1, 1, 8, dtype=torch.float64)) is None]
+CPU_BACKENDS = [n for n, k in KERNELS.items() if k().supports(torch.zeros(1, 1, 1, 8, dtype=torch.float64)) is None]
 TOL = 1e-10
 
 
@@ -40,15 +42,9 @@ def _max_err(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-@contextlib.contextmanager
-def plan(name):
-    """Force the packed plan (one gathered call per branch) or the strided one (views)."""
-    old = dil.PACKED_MAX_TOKENS
-    dil.PACKED_MAX_TOKENS = 2**62 if name == "packed" else 0
-    try:
-        yield
-    finally:
-        dil.PACKED_MAX_TOKENS = old
+def plan(name: str, **settings) -> AttentionSettings:
+    """Settings that force the packed plan (one gathered call per branch) or the strided one (views)."""
+    return AttentionSettings(packed_max_tokens=2**62 if name == "packed" else 0, **settings)
 
 
 @pytest.mark.parametrize("plan_name", ["packed", "strided"])
@@ -57,10 +53,11 @@ def plan(name):
 @given(cfg=configs())
 def test_backend_matches_reference_outputs_and_grads(backend, plan_name, cfg):
     q, k, v = _inputs(cfg["b"], cfg["n"], cfg["h"], cfg["d"], cfg["seed"])
-    with warnings.catch_warnings(), plan(plan_name):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # patterns without r = 1 warn; they are drawn on purpose
         ref = dilated_attention_reference(q, k, v, DilationPattern(cfg["ws"], cfg["rs"]), causal=cfg["causal"])
-        out = dilated_attention(q, k, v, cfg["ws"], cfg["rs"], causal=cfg["causal"], backend=backend)
+        out = dilated_attention(q, k, v, cfg["ws"], cfg["rs"], causal=cfg["causal"], backend=backend,
+                                settings=plan(plan_name))
         grad = torch.randn_like(ref)
         g_ref = torch.autograd.grad(ref, (q, k, v), grad)
         g_out = torch.autograd.grad(out, (q, k, v), grad)
@@ -118,9 +115,9 @@ def test_causality_of_attention(backend, plan_name):
     q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
     for t in (q2, k2, v2):
         t[:, p + 1:] = torch.randn_like(t[:, p + 1:]) * 5
-    with plan(plan_name):
-        out = dilated_attention(q, k, v, [16, 32, 64], [1, 2, 4], causal=True, backend=backend)
-        out2 = dilated_attention(q2, k2, v2, [16, 32, 64], [1, 2, 4], causal=True, backend=backend)
+    s = plan(plan_name)
+    out = dilated_attention(q, k, v, [16, 32, 64], [1, 2, 4], causal=True, backend=backend, settings=s)
+    out2 = dilated_attention(q2, k2, v2, [16, 32, 64], [1, 2, 4], causal=True, backend=backend, settings=s)
     assert torch.equal(out[:, : p + 1], out2[:, : p + 1])
     assert not torch.allclose(out[:, p + 1:], out2[:, p + 1:])
 
@@ -185,13 +182,12 @@ def test_flops_follow_spec_convention():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_kernel_calls_split_into_small_pieces_still_match(backend, monkeypatch):
-    monkeypatch.setattr(dil, "MAX_ROWS_PER_CALL", 7)
-    monkeypatch.setattr(dil, "PACKED_MAX_TOKENS", 0)  # many tiny calls, batch folded across rows
+def test_kernel_calls_split_into_small_pieces_still_match(backend):
+    s = plan("strided", max_rows_per_call=7)  # many tiny calls, batch folded across rows
     q, k, v = _inputs(2, 96, 3, 4, 5)
     pattern = DilationPattern([32, 8, 48], [2, 1, 3])  # r = 1 not first: the plan reorders
     ref = dilated_attention_reference(q, k, v, pattern)
-    out = dilated_attention(q, k, v, pattern, backend=backend)
+    out = dilated_attention(q, k, v, pattern, backend=backend, settings=s)
     grad = torch.randn_like(ref)
     assert _max_err([out], [ref]) < TOL
     assert _max_err(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)) < TOL
@@ -203,7 +199,7 @@ def test_backends_name_head_dims_and_dtypes_they_cannot_take():
     def fake(d, dtype, device="cuda"):
         return SimpleNamespace(shape=(1, 8, 2, d), dtype=dtype, device=SimpleNamespace(type=device))
 
-    sdpa, xf = KERNELS["sdpa"], KERNELS["xformers"]
+    sdpa, xf = KERNELS["sdpa"](), KERNELS["xformers"]()
     assert sdpa.supports(fake(64, torch.bfloat16)) is None
     assert "head dim 12" in sdpa.supports(fake(12, torch.bfloat16))
     assert "up to 256" in sdpa.supports(fake(512, torch.float16))
@@ -214,8 +210,7 @@ def test_backends_name_head_dims_and_dtypes_they_cannot_take():
 def test_packed_plan_folds_branches_of_equal_length():
     """The paper pattern at 32K packs branches r = 1, 2, 4 (L = 2048) and r = 6, 12 (L = 2731)
     into two kernel calls, r = 1 leading the first (its rows are written, not merged)."""
-    q = torch.empty(1, 32768, 12, 64, device="meta")
-    calls = dil._packed_calls(DilationPattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)), q)
+    calls = packed_plan(DilationPattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)), 1, 32768, 12)
     assert [[(c.w, c.r, first) for first, c in call] for call in calls] == [
         [(2048, 1, True), (4096, 2, False), (8192, 4, False)], [(16384, 6, False), (32768, 12, False)]]
 
@@ -223,33 +218,54 @@ def test_packed_plan_folds_branches_of_equal_length():
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("max_rows", [2**19, 100])  # 100: most branches split into chunks, which never fold
 @pytest.mark.parametrize("n", [64, 70, 5])
-def test_folded_calls_match_reference(monkeypatch, fold, max_rows, n):
-    monkeypatch.setattr(dil, "FOLD_EQUAL_LENGTHS", fold)
-    monkeypatch.setattr(dil, "PACKED_MAX_TOKENS", 2**62)
-    monkeypatch.setattr(dil, "MAX_ROWS_PER_CALL", max_rows)
+def test_folded_calls_match_reference(fold, max_rows, n):
+    s = plan("packed", packed_fold=fold, max_rows_per_call=max_rows)
     ws, rs = [8, 16, 32, 12, 24], [1, 2, 4, 3, 6]  # packed lengths 8, 8, 8, 4, 4
     q, k, v = _inputs(2, n, 6, 4, seed=n)
     ref = dilated_attention_reference(q, k, v, DilationPattern(ws, rs), causal=True)
-    out = dilated_attention(q, k, v, ws, rs, causal=True, backend="torch")
+    out = dilated_attention(q, k, v, ws, rs, causal=True, backend="torch", settings=s)
     dout = torch.randn_like(ref)
     assert _max_err([out], [ref]) < TOL
     assert _max_err(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)) < TOL
 
 
 @pytest.mark.parametrize("plan_name", ["packed", "strided"])
-def test_bf16_merges_stay_within_bf16_error(monkeypatch, plan_name):
-    """FORWARD_ACC='input' (bf16 merges, the default) and 'float32' both match the float64
+def test_bf16_merges_stay_within_bf16_error(plan_name):
+    """forward_acc='input' (bf16 merges, the default) and 'float32' both match the float64
     reference to bf16 accuracy, and to each other up to a few bf16 roundings."""
     q, k, v = _inputs(1, 200, 4, 16, seed=3)
     pattern = DilationPattern([16, 32, 64], [1, 2, 4])
     ref = dilated_attention_reference(q, k, v, pattern)
     outs = {}
-    with plan(plan_name):
-        for acc in ("input", "float32"):
-            monkeypatch.setattr(dil, "FORWARD_ACC", acc)
-            outs[acc] = dilated_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pattern, backend="torch")
-            assert outs[acc].dtype == torch.bfloat16
-            rel = ((outs[acc].double() - ref).norm() / ref.norm()).item()
-            assert rel < 1e-2
+    for acc in ("input", "float32"):
+        outs[acc] = dilated_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pattern, backend="torch",
+                                      settings=plan(plan_name, forward_acc=acc))
+        assert outs[acc].dtype == torch.bfloat16
+        rel = ((outs[acc].double() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2
     assert not torch.equal(outs["input"], outs["float32"])  # the modes really differ
     torch.testing.assert_close(outs["input"], outs["float32"], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq, lk", [(1, 1), (1, 7), (5, 5), (3, 11), (6, 7), (4, 40)])
+def test_rectangular_blocks_match_dense_attention_with_offset_mask(backend, causal, lq, lk):
+    """``attend`` on ``Lq`` queries that are the last ``Lq`` of ``Lk`` key positions: dense
+    softmax attention with the offset causal mask, outputs, LSE and gradients."""
+    from longnet_lightning.attention.kernels import attend, attend_backward
+
+    g = torch.Generator().manual_seed(lq * 100 + lk)
+    q = torch.randn(2, lq, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, lk, 3, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * 0.5
+    if causal:
+        allowed = torch.arange(lk)[None, :] <= torch.arange(lk - lq, lk)[:, None]
+        s = s.masked_fill(~allowed, float("-inf"))
+    ref = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)
+    kernel = KERNELS[backend]()
+    out, lse = attend(kernel, q, k, v, causal, 0.5)
+    assert _max_err([out, lse], [ref, torch.logsumexp(s, -1)]) < TOL
+    dout = torch.randn_like(ref)
+    grads = attend_backward(kernel, dout, q, k, v, ref.detach(), lse, causal, 0.5)
+    assert _max_err(grads, torch.autograd.grad(ref, (q, k, v), dout)) < TOL

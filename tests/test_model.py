@@ -186,21 +186,24 @@ def test_xpos_range_guard_computes_the_exact_largest_offset(block):
 
 
 @pytest.mark.parametrize("xpos", [None, 16.0])
-def test_rotary_matches_its_closed_form(xpos):
+@pytest.mark.parametrize("origin", [None, 0])
+def test_rotary_matches_its_closed_form(xpos, origin):
     """Halves (x1, x2) rotate as x1 + i*x2 by angle n * theta^(-2i/D); XPOS scales q by
-    zeta_i^((n - a)/B) and k by its inverse, a being the centre of n's anchor block."""
+    zeta_i^((n - a)/B) and k by its inverse, a being the centre of n's anchor block; blocks
+    start at ``origin`` (by default the call's first position)."""
     d, theta, block, start, n = 8, 100.0, 16, 5, 40
     rot = Rotary(d, theta=theta, xpos_scale_base=xpos, anchor_block=block)
     g = torch.Generator().manual_seed(1)
     q, k = (torch.randn(2, n, 3, d, generator=g, dtype=torch.float64) for _ in range(2))
-    qr, kr = rot(q, k, start=start)
+    qr, kr = rot(q, k, start=start, origin=origin)
+    o = start if origin is None else origin
     pos = torch.arange(start, start + n, dtype=torch.float64)[:, None]
     i = torch.arange(d // 2, dtype=torch.float64)
     turn = torch.polar(torch.ones(n, d // 2, dtype=torch.float64), pos * theta ** (-2 * i / d))[None, :, None]
     scale = torch.ones(n, d // 2, dtype=torch.float64)
     if xpos:
         zeta = (2 * i / d + 0.4) / 1.4
-        scale = zeta ** ((pos - (pos // block * block + block // 2)) / xpos)
+        scale = zeta ** ((pos - (o + (pos - o) // block * block + block // 2)) / xpos)
     for x, y, sgn in ((q, qr, 1), (k, kr, -1)):
         z = torch.complex(x[..., : d // 2], x[..., d // 2:]) * turn * scale[None, :, None] ** sgn
         torch.testing.assert_close(y, torch.cat((z.real, z.imag), -1), rtol=1e-12, atol=1e-12)
@@ -233,3 +236,22 @@ def test_rotary_tables_are_shared_by_layers_and_bounded():
     for n in range(1, 10):
         a.factors(n, 0, "cpu", torch.float32)
     assert len(position._FACTORS) <= position._FACTORS_KEPT
+
+
+@pytest.mark.parametrize("start", [0, 5, 37, 1000])
+def test_xpos_at_any_start_position_is_exact(start):
+    """XPOS anchored per block (the lcm of the segments) equals XPOS with one anchor for the whole
+    sequence, for every pair dilated attention computes, wherever the call starts."""
+    from longnet_lightning import MultiheadDilatedAttention, dilated_attention_reference
+    from longnet_lightning.attention.position import Rotary
+
+    torch.manual_seed(start)
+    mha = MultiheadDilatedAttention(16, 4, segment_lengths=[4, 6], dilation_rates=[1, 2], position="xpos",
+                                    xpos_scale_base=8.0, sub_layernorm=False, backend="torch").double()
+    x = torch.randn(2, 29, 16, dtype=torch.float64)
+    got = mha(x, start_pos=start)
+    shape = (2, 29, 4, 4)
+    q, k, v = (proj(x).view(shape) for proj in (mha.q_proj, mha.k_proj, mha.v_proj))
+    q, k = Rotary(4, xpos_scale_base=8.0, anchor_block=None)(q, k, start=start)  # one anchor: plain XPOS
+    want = mha.out_proj(dilated_attention_reference(q, k, v, mha.pattern).reshape(2, 29, 16))
+    assert (got - want).abs().max().item() < 1e-10

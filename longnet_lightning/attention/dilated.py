@@ -1,28 +1,35 @@
-"""Dilated attention (LongNet, Ding et al. 2023), exactly as SPEC.md defines it.
+"""Dilated attention (LongNet, Ding et al. 2023), exactly as docs/semantics.md defines it.
 
-For every branch ``(w, r)`` and every head offset ``o``, one kernel call attends inside the
-selected rows (strided views, see :mod:`.pattern`). Branch results are merged by their softmax
-denominators (paper Eq. 10), online, into an accumulator (see ``FORWARD_ACC``):
-``out += (out_i - out) * sigmoid(lse_i - lse)``, ``lse = logaddexp(lse, lse_i)``.
+The engine runs a plan (:mod:`.plan`): kernel calls (:mod:`.kernels`) on the rows of one branch
+and head offset, whose results are merged by their softmax denominators (paper Eq. 10), online,
+into an accumulator: ``out += (out_i - out) * exp(lse_i - lse')``, ``lse' = logaddexp(lse, lse_i)``
+(:mod:`.fused` moves the rows).
 
 The backward does not differentiate through the merge weights: the merged attention is one
 softmax over the multiset union of the branches' keys, so each branch's kernel backward, fed the
 *merged* output and log-sum-exp, returns that branch's exact share of the gradient (as ring
 attention does). Gradients are accumulated through the same views into dq, dk, dv.
+
+Sequence parallelism (``group=``): each rank passes its contiguous chunk of one sequence. Segments
+inside the chunk run as above; for a segment that spans ranks, every rank sends the selected K and
+V rows it holds (already sparsified) to the ranks that need them, in one exchange per call, and
+its queries attend to the gathered keys; the backward returns the key gradients to their owners
+in one exchange. The exchange itself (a collective) comes from :mod:`longnet_lightning.distributed`.
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 from torch import nn
 
-from .kernels import BACKENDS, select_kernel
-from .fused import Chunk, accumulate_view_, chunks, merge_view_, pack, packed_view, unpack_accumulate_, unpack_merge_, use_triton
-from .pattern import DilationPattern, block_view, normalize_layout, plan_branch, split_block
+from .fused import (accumulate_view_, merge_view_, pack, packed_view, unpack_accumulate_, unpack_merge_,
+                    use_triton)
+from .kernels import BACKENDS, attend, attend_backward, select_kernel
+from .pattern import DilationPattern, block_view, normalize_layout
+from .plan import SequenceLayout, ShardPlan, packed_plan, shard_plan, strided_plan, use_packed
 from .reference import dilated_attention_reference
+from .settings import AttentionSettings
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -41,152 +48,154 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Where half-precision forward outputs are merged: "input" (each merge is computed in float32 and
-# rounded to bf16/fp16, like the gradients) or "float32" (one rounding, at the end, but twice the
-# memory traffic). On an H200 at 1M tokens "input" takes the forward from 25.8 to 20.9 ms, and
-# the error against the float64 reference moves from 3.3e-3 to at most 3.4e-3 (RESULTS.md).
-FORWARD_ACC = os.environ.get("LONGNET_FORWARD_ACC", "input")
-if FORWARD_ACC not in ("input", "float32"):
-    raise ValueError(f"LONGNET_FORWARD_ACC={FORWARD_ACC!r}: use 'input' (default) or 'float32'")
+class _Run:
+    """What one call runs with: the pattern, the mask, the kernel, and how rows move."""
 
+    def __init__(self, pattern: DilationPattern, causal: bool, scale: float, kernel, settings: AttentionSettings,
+                 triton: bool):
+        self.pattern, self.causal, self.scale, self.kernel = pattern, causal, scale, kernel
+        self.settings, self.triton = settings, triton
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    if FORWARD_ACC == "input" and dtype in (torch.float16, torch.bfloat16):
-        return dtype
-    return _accum_dtype(dtype)
+    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Where forward outputs are merged (see ``AttentionSettings.forward_acc``)."""
+        if self.settings.forward_acc == "input" and dtype in (torch.float16, torch.bfloat16):
+            return dtype
+        return _accum_dtype(dtype)
 
+    def accumulators(self, q: torch.Tensor, dv: int, covered: bool):
+        """``out`` ``[B, N, H, Dv]`` and ``lse`` ``[B, N, H]``; zero / ``-inf`` unless a covering
+        first branch writes every row."""
+        bsz, n, h, _ = q.shape
+        out = (torch.empty if covered else torch.zeros)(bsz, n, h, dv, dtype=self.out_dtype(q.dtype), device=q.device)
+        lse = torch.empty((bsz, n, h), dtype=_accum_dtype(q.dtype), device=q.device)
+        if not covered:
+            lse.fill_(float("-inf"))
+        return out, lse
 
-# Rows x heads per kernel call: bounds the transient per-call outputs (64 MiB per bf16 tensor
-# at head dim 64) whatever N is, so the gradients cost almost nothing beyond dq, dk, dv.
-MAX_ROWS_PER_CALL = 2**19
+    # strided plan ------------------------------------------------------------------------------
 
+    def blocks_forward(self, q, k, v, out, lse, blocks, first_covers: bool):
+        for branch, blk in blocks:
+            o_i, lse_i = self.kernel.forward(block_view(q, blk), block_view(k, blk), block_view(v, blk),
+                                             self.causal, self.scale)
+            merge_view_(block_view(out, blk), block_view(lse, blk), o_i, lse_i,
+                        first=branch == 0 and first_covers, triton=self.triton)
 
-def _branches(pattern: DilationPattern) -> list[tuple[int, int]]:
-    return sorted(pattern.branches, key=lambda b: b[1] != 1)  # stable: r = 1 first
+    def blocks_backward(self, dout, q, k, v, out, lse, grads, blocks, first_covers: bool):
+        for branch, blk in blocks:
+            g = self.kernel.backward(
+                block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
+                block_view(out, blk), block_view(lse, blk).transpose(1, 2), self.causal, self.scale,
+            )
+            accumulate_view_([block_view(buf, blk) for buf in grads], g, first=branch == 0 and first_covers,
+                             triton=self.triton)
 
+    def strided_forward(self, q, k, v):
+        """Merged output ``[B, N, H, Dv]`` (q's dtype) and log-sum-exp ``[B, N, H]`` (float32/64).
+        Rows that no branch selects keep output 0 and ``lse = -inf``."""
+        blocks, first_covers = strided_plan(self.pattern, *q.shape[:3], self.settings.max_rows_per_call)
+        out, lse = self.accumulators(q, v.shape[-1], first_covers)
+        self.blocks_forward(q, k, v, out, lse, blocks, first_covers)
+        return out.to(q.dtype), lse
 
-def _plan(pattern: DilationPattern, q: torch.Tensor):
-    """Kernel calls in merge order, and whether the first branch covers every row (``r = 1``).
+    def strided_backward(self, dout, q, k, v, out, lse):
+        """Gradients w.r.t. ``q, k, v``, accumulated in the inputs' dtype in the returned tensors."""
+        blocks, first_covers = strided_plan(self.pattern, *q.shape[:3], self.settings.max_rows_per_call)
+        alloc = torch.empty_like if first_covers else torch.zeros_like
+        grads = alloc(q), alloc(k), alloc(v)
+        self.blocks_backward(dout, q, k, v, out, lse, grads, blocks, first_covers)
+        return grads
 
-    An ``r = 1`` branch goes first: it selects every (position, head) exactly once, so its
-    results are written, not merged, and the accumulators need no initialisation.
-    """
-    bsz, n, h, _ = q.shape
-    return _strided_plan(pattern, bsz, n, h, MAX_ROWS_PER_CALL)
+    # packed plan -------------------------------------------------------------------------------
 
+    def _calls(self, q):
+        return packed_plan(self.pattern, *q.shape[:3], self.settings.packed_fold, self.settings.max_rows_per_call)
 
-@functools.lru_cache(maxsize=64)  # the plan depends on shapes only: built once per (pattern, shape)
-def _strided_plan(pattern: DilationPattern, bsz: int, n: int, h: int, max_rows: int):
-    branches = _branches(pattern)
-    plan = []
-    for i, (w, r) in enumerate(branches):
-        for blk in plan_branch(n, h, w, r, bsz):
-            plan += [(i, sub) for sub in split_block(blk, max_rows)]
-    return tuple(plan), branches[0][1] == 1
+    def _gather(self, call, xs, lse=None):
+        """Kernel inputs ``[S, L, H, *]`` of one packed call (and its LSE ``[S, H, L]``): views of
+        ``xs`` when the call is one ``r = 1`` chunk of whole segments, else gathered, each chunk
+        into its slice of the batch."""
+        if len(call) == 1:
+            c = call[0][1]
+            if c.is_view:
+                return [packed_view(x, c) for x in xs], (None if lse is None else pack([], c, lse, triton=self.triton)[1])
+            return pack(xs, c, lse, triton=self.triton)
+        c0, segs = call[0][1], sum(c.segments for _, c in call)
+        ys = [torch.empty(segs, c0.length, c0.heads, x.shape[-1], dtype=x.dtype, device=x.device) for x in xs]
+        ly = None if lse is None else torch.empty(segs, c0.heads, c0.length, device=lse.device,
+                                                  dtype=torch.promote_types(lse.dtype, torch.float32))
+        for _, c, sl in _slices(call):
+            pack(xs, c, lse, out=([y[sl] for y in ys], None if ly is None else ly[sl]), triton=self.triton)
+        return ys, ly
 
+    def packed_forward(self, q, k, v):
+        """Causal dilated attention, packed plan: same results as :meth:`strided_forward`."""
+        out, lse = self.accumulators(q, v.shape[-1], 1 in self.pattern.dilation_rates)
+        for call in self._calls(q):
+            (qp, kp, vp), _ = self._gather(call, (q, k, v))
+            o, lo = self.kernel.forward(qp, kp, vp, True, self.scale)
+            for first, c, sl in _slices(call):
+                unpack_merge_(out, lse, o[sl], lo[sl], c, first, triton=self.triton)
+        return out.to(q.dtype), lse
 
-def dilated_forward(q, k, v, pattern: DilationPattern, causal: bool, scale: float, kernel):
-    """Merged output ``[B, N, H, Dv]`` (q's dtype) and log-sum-exp ``[B, N, H]`` (float32/64).
+    def packed_backward(self, dout, q, k, v, out, lse):
+        """Gradients for :meth:`packed_forward`; padding slots get ``dout = 0`` and ``lse = +inf``,
+        so they receive and send exactly zero gradient. Accumulated in the inputs' dtype."""
+        alloc = torch.empty_like if 1 in self.pattern.dilation_rates else torch.zeros_like
+        dq, dk, dv = alloc(q), alloc(k), alloc(v)
+        for call in self._calls(q):
+            (qp, kp, vp, op, dop), lp = self._gather(call, (q, k, v, out, dout), lse)
+            grads = self.kernel.backward(dop, qp, kp, vp, op, lp, True, self.scale)
+            for first, c, sl in _slices(call):
+                unpack_accumulate_((dq, dk, dv), [g[sl] for g in grads], c, first, triton=self.triton)
+        return dq, dk, dv
 
-    Rows that no branch selects keep output 0 and ``lse = -inf``.
-    """
-    bsz, n, h, _ = q.shape
-    plan, first_covers = _plan(pattern, q)
-    alloc = torch.empty if first_covers else torch.zeros
-    out = alloc(bsz, n, h, v.shape[-1], dtype=_out_dtype(q.dtype), device=q.device)
-    lse = torch.empty((bsz, n, h), dtype=_accum_dtype(q.dtype), device=q.device)
-    if not first_covers:
-        lse.fill_(float("-inf"))
-    for branch, blk in plan:
-        o_i, lse_i = kernel.forward(block_view(q, blk), block_view(k, blk), block_view(v, blk), causal, scale)
-        merge_view_(block_view(out, blk), block_view(lse, blk), o_i, lse_i, first=branch == 0 and first_covers)
-    return out.to(q.dtype), lse
+    # sharded plan (sequence parallel) ----------------------------------------------------------
 
+    @staticmethod
+    def _keys(plan: ShardPlan, k, v, recv: torch.Tensor):
+        """Per spanning call, its keys and values ``[B, Lk, G, D]``: this rank's own piece as a
+        view, the others' from the received buffer (see :func:`_received`)."""
+        got = _received(plan, recv, k, v)
+        out = []
+        for ci, call in enumerate(plan.calls):
+            parts = [(block_view(k, p.block), block_view(v, p.block)) if pi == call.own else got[ci, pi]
+                     for pi, p in enumerate(call.pieces)]
+            out.append(tuple(torch.cat([x[t] for x in parts], 1) if len(parts) > 1 else parts[0][t] for t in (0, 1)))
+        return out
 
-def dilated_backward(dout, q, k, v, out, lse, pattern: DilationPattern, causal, scale, kernel):
-    """Gradients of the merged attention w.r.t. ``q, k, v`` (each ``[B, N, H, D]``).
+    def sharded_forward(self, q, k, v, plan: ShardPlan, recv):
+        out, lse = self.accumulators(q, v.shape[-1], covered=False)
+        self.blocks_forward(q, k, v, out, lse, plan.local, first_covers=False)
+        for call, (kg, vg) in zip(plan.calls, self._keys(plan, k, v, recv)):
+            o_i, lse_i = attend(self.kernel, block_view(q, call.query), kg, vg, self.causal, self.scale)
+            merge_view_(block_view(out, call.query), block_view(lse, call.query), o_i, lse_i, first=False,
+                        triton=self.triton)
+        return out.to(q.dtype), lse
 
-    Accumulated in the inputs' dtype, directly in the returned tensors (no float32 copies).
-    """
-    plan, first_covers = _plan(pattern, q)
-    alloc = torch.empty_like if first_covers else torch.zeros_like
-    dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    for branch, blk in plan:
-        grads = kernel.backward(
-            block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
-            block_view(out, blk), block_view(lse, blk).transpose(1, 2), causal, scale,
-        )
-        accumulate_view_([block_view(buf, blk) for buf in (dq, dk, dv)], grads, first=branch == 0 and first_covers)
-    return dq, dk, dv
-
-
-# Packed plan: each branch gathered into [S, L, H, D] blocks of whole segments (see .fused), one
-# kernel call per block for all heads, merged back by index arithmetic. Few large launches: fastest
-# for short and medium N; long sequences use the copy-free strided plan.
-PACKED_MAX_TOKENS = int(os.environ.get("LONGNET_PACKED_MAX_TOKENS", 2**17))  # crossover measured on an H200
-
-
-def use_packed(q: torch.Tensor, causal: bool) -> bool:
-    """Packed plan for causal attention on up to ``PACKED_MAX_TOKENS`` tokens (B x N).
-
-    Its padded rows are harmless only under a causal mask (they are the last rows of their
-    segment). Without Triton its CUDA merges use index ops, so deterministic mode then keeps the
-    strided plan.
-    """
-    if not causal or (q.is_cuda and torch.are_deterministic_algorithms_enabled() and not use_triton(q)):
-        return False
-    return q.shape[0] * q.shape[1] <= PACKED_MAX_TOKENS
-
-
-# Whole branches whose packed blocks have the same length L share one kernel call, their
-# segments stacked along the batch (the paper pattern at 32K: 5 calls become 2).
-FOLD_EQUAL_LENGTHS = os.environ.get("LONGNET_PACKED_FOLD", "1") != "0"
-
-
-def _packed_calls(pattern: DilationPattern, q: torch.Tensor) -> tuple[tuple[tuple[bool, Chunk], ...], ...]:
-    """Kernel calls of the packed plan, in merge order: each a list of ``(first, chunk)``.
-
-    ``first`` marks chunks of the first branch when it covers every row (``r = 1``): they are
-    written, not merged, so they lead the first call. Chunks that are whole branches are folded
-    with earlier ones of the same length (see ``FOLD_EQUAL_LENGTHS``).
-    """
-    bsz, n, h, _ = q.shape
-    return _packed_plan(pattern, bsz, n, h, MAX_ROWS_PER_CALL, FOLD_EQUAL_LENGTHS)
-
-
-@functools.lru_cache(maxsize=64)
-def _packed_plan(pattern: DilationPattern, bsz: int, n: int, h: int, max_rows: int, fold: bool):
-    covered = 1 in pattern.dilation_rates
-    calls, by_length = [], {}
-    for i, (w, r) in enumerate(_branches(pattern)):
-        for c in chunks(bsz, n, h, w, r, max_rows):
-            item = (i == 0 and covered, c)
-            whole = c.s0 == 0 and c.s1 == bsz * c.nseg
-            if fold and whole and c.length in by_length:
-                by_length[c.length].append(item)
-                continue
-            calls.append([item])
-            if whole:
-                by_length.setdefault(c.length, calls[-1])
-    return tuple(tuple(call) for call in calls)
-
-
-def _gather(call, xs, lse=None):
-    """Kernel inputs ``[S, L, H, *]`` of one packed call (and its LSE ``[S, H, L]``): views of
-    ``xs`` when the call is one ``r = 1`` chunk of whole segments, else gathered, each chunk into
-    its slice of the batch."""
-    if len(call) == 1:
-        c = call[0][1]
-        if c.is_view:
-            return [packed_view(x, c) for x in xs], (None if lse is None else pack([], c, lse)[1])
-        return pack(xs, c, lse)
-    c0, segs = call[0][1], sum(c.segments for _, c in call)
-    ys = [torch.empty(segs, c0.length, c0.heads, x.shape[-1], dtype=x.dtype, device=x.device) for x in xs]
-    ly = None if lse is None else torch.empty(segs, c0.heads, c0.length, device=lse.device,
-                                              dtype=torch.promote_types(lse.dtype, torch.float32))
-    for _, c, sl in _slices(call):
-        pack(xs, c, lse, out=([y[sl] for y in ys], None if ly is None else ly[sl]))
-    return ys, ly
+    def sharded_backward(self, dout, q, k, v, out, lse, plan: ShardPlan, recv):
+        """``dq, dk, dv`` of this rank's own rows, and the gradients of the received rows laid out
+        like ``recv``, to be returned to their owners."""
+        grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        self.blocks_backward(dout, q, k, v, out, lse, grads, plan.local, first_covers=False)
+        remote = {}
+        for ci, (call, (kg, vg)) in enumerate(zip(plan.calls, self._keys(plan, k, v, recv))):
+            qv = call.query
+            dq_c, dk_c, dv_c = attend_backward(self.kernel, block_view(dout, qv), block_view(q, qv), kg, vg,
+                                               block_view(out, qv), block_view(lse, qv).transpose(1, 2),
+                                               self.causal, self.scale)
+            accumulate_view_([block_view(grads[0], qv)], [dq_c], first=False, triton=self.triton)
+            j = 0
+            for pi, p in enumerate(call.pieces):
+                part = dk_c[:, j:j + p.block.length], dv_c[:, j:j + p.block.length]
+                j += p.block.length
+                if pi == call.own:
+                    accumulate_view_([block_view(grads[1], p.block), block_view(grads[2], p.block)], list(part),
+                                     first=False, triton=self.triton)
+                else:
+                    remote[ci, pi] = part
+        flat = [t.reshape(-1).to(k.dtype) for src in plan.receives for key in src for t in remote[key]]
+        return grads, (torch.cat(flat) if flat else k.new_zeros(0))
 
 
 def _slices(call):
@@ -197,58 +206,117 @@ def _slices(call):
         s += c.segments
 
 
-def packed_forward(q, k, v, pattern: DilationPattern, scale: float, kernel):
-    """Causal dilated attention, packed plan: same results as :func:`dilated_forward`."""
-    bsz, n, h, _ = q.shape
-    covered = 1 in pattern.dilation_rates
-    out = (torch.empty if covered else torch.zeros)(bsz, n, h, v.shape[-1], dtype=_out_dtype(q.dtype), device=q.device)
-    lse = torch.empty((bsz, n, h), dtype=_accum_dtype(q.dtype), device=q.device)
-    if not covered:
-        lse.fill_(float("-inf"))
-    for call in _packed_calls(pattern, q):
-        (qp, kp, vp), _ = _gather(call, (q, k, v))
-        o, lo = kernel.forward(qp, kp, vp, True, scale)
-        for first, c, sl in _slices(call):
-            unpack_merge_(out, lse, o[sl], lo[sl], c, first)
-    return out.to(q.dtype), lse
+# Rows travel flattened: for each peer rank in rank order, each piece's K rows then its V rows.
+
+def _piece_numel(p, k, v) -> tuple[int, int]:
+    rows = p.block.bt * p.block.length * p.block.heads
+    return rows * k.shape[-1], rows * v.shape[-1]
 
 
-def packed_backward(dout, q, k, v, out, lse, pattern: DilationPattern, scale: float, kernel):
-    """Gradients for :func:`packed_forward`; padding slots get ``dout = 0`` and ``lse = +inf``, so
-    they receive and send exactly zero gradient. Accumulated in the inputs' dtype."""
-    covered = 1 in pattern.dilation_rates
-    alloc = torch.empty_like if covered else torch.zeros_like
-    dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    for call in _packed_calls(pattern, q):
-        (qp, kp, vp, op, dop), lp = _gather(call, (q, k, v, out, dout), lse)
-        grads = kernel.backward(dop, qp, kp, vp, op, lp, True, scale)
-        for first, c, sl in _slices(call):
-            unpack_accumulate_((dq, dk, dv), [g[sl] for g in grads], c, first)
-    return dq, dk, dv
+def _received(plan: ShardPlan, buf: torch.Tensor, k, v) -> dict:
+    """``{(call, piece): (k rows, v rows)}`` ``[B, J, G, D]``, views of the received ``buf``."""
+    got, at = {}, 0
+    for keys in plan.receives:
+        for ci, pi in keys:
+            p = plan.calls[ci].pieces[pi]
+            nk, nv = _piece_numel(p, k, v)
+            shape = (p.block.bt, p.block.length, p.block.heads)
+            got[ci, pi] = buf[at:at + nk].view(*shape, k.shape[-1]), buf[at + nk:at + nk + nv].view(*shape, v.shape[-1])
+            at += nk + nv
+    return got
+
+
+def _recv_sizes(plan: ShardPlan, k, v) -> list[int]:
+    """Elements received from each rank."""
+    return [sum(sum(_piece_numel(plan.calls[ci].pieces[pi], k, v)) for ci, pi in keys) for keys in plan.receives]
+
+
+def _send_buffer(plan: ShardPlan, k, v):
+    """This rank's selected K and V rows that other ranks need, flattened, and the element count
+    for each destination rank."""
+    parts, sizes = [], []
+    for pieces in plan.sends:
+        n = 0
+        for p in pieces:
+            kb, vb = block_view(k, p.block), block_view(v, p.block)
+            parts += [kb.reshape(-1), vb.reshape(-1)]
+            n += kb.numel() + vb.numel()
+        sizes.append(n)
+    return (torch.cat(parts) if parts else k.new_zeros(0)), sizes
+
+
+def _return_grads(plan: ShardPlan, dk, dv, back: torch.Tensor, triton: bool) -> None:
+    """Add the gradients that came back for the rows this rank sent (layout of ``plan.sends``)."""
+    at = 0
+    for pieces in plan.sends:
+        for p in pieces:
+            kb, vb = block_view(dk, p.block), block_view(dv, p.block)
+            nk, nv = kb.numel(), vb.numel()
+            accumulate_view_([kb, vb], [back[at:at + nk].view(kb.shape), back[at + nk:at + nk + nv].view(vb.shape)],
+                             first=False, triton=triton)
+            at += nk + nv
 
 
 class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, causal, scale, kernel):
-        packed = use_packed(q, causal)
-        if packed:
-            out, lse = packed_forward(q, k, v, pattern, scale, kernel)
-        else:
-            out, lse = dilated_forward(q, k, v, pattern, causal, scale, kernel)
+    def forward(ctx, q, k, v, run: _Run):
+        packed = use_packed(q, run.causal, run.settings, run.triton)
+        out, lse = run.packed_forward(q, k, v) if packed else run.strided_forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (pattern, causal, scale, kernel, packed)
+        ctx.run, ctx.packed = run, packed
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        pattern, causal, scale, kernel, packed = ctx.args
-        dout = normalize_layout(dout)
-        if packed:
-            dq, dk, dv = packed_backward(dout, q, k, v, out, lse, pattern, scale, kernel)
-        else:
-            dq, dk, dv = dilated_backward(dout, q, k, v, out, lse, pattern, causal, scale, kernel)
-        return dq, dk, dv, None, None, None, None
+        run, dout = ctx.run, normalize_layout(dout)
+        grads = (run.packed_backward if ctx.packed else run.strided_backward)(dout, q, k, v, out, lse)
+        return *grads, None
+
+
+class _ShardedAttentionFn(torch.autograd.Function):
+    """One rank's chunk of sequence-parallel dilated attention: one exchange forward (K, V rows
+    to the ranks that need them), one backward (their gradients back to their owners)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, run: _Run, plan: ShardPlan, exchange):
+        send, send_sizes = _send_buffer(plan, k, v)
+        recv_sizes = _recv_sizes(plan, k, v)
+        recv = exchange(send, send_sizes, recv_sizes) if plan.communicates else send
+        out, lse = run.sharded_forward(q, k, v, plan, recv)
+        ctx.save_for_backward(q, k, v, out, lse, recv)
+        ctx.run, ctx.plan, ctx.exchange, ctx.sizes = run, plan, exchange, (send_sizes, recv_sizes)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, recv = ctx.saved_tensors
+        run, plan = ctx.run, ctx.plan
+        (dq, dk, dv), back = run.sharded_backward(normalize_layout(dout), q, k, v, out, lse, plan, recv)
+        if plan.communicates:
+            send_sizes, recv_sizes = ctx.sizes
+            _return_grads(plan, dk, dv, ctx.exchange(back, recv_sizes, send_sizes), run.triton)
+        return dq, dk, dv, None, None, None
+
+
+def _sharded(q, k, v, run: _Run, group, lengths):
+    """``dilated_attention`` of one rank's chunk; ``lengths`` (every rank's chunk length) are
+    exchanged, and the shapes checked to agree, when not given."""
+    from ..distributed.sequence import RowExchange, exchange_lengths
+
+    if lengths is None:
+        lengths = exchange_lengths(group, q, v, run)
+    layout = SequenceLayout(tuple(lengths), RowExchange.rank(group))
+    if layout.lengths[layout.rank] != q.shape[1]:
+        raise ValueError(f"lengths={list(layout.lengths)} give rank {layout.rank} {layout.lengths[layout.rank]} "
+                         f"positions, but its chunk has {q.shape[1]}: pass every rank's chunk length in rank order")
+    plan = shard_plan(run.pattern, layout, q.shape[2], q.shape[0], run.causal, run.settings.max_rows_per_call)
+    exchange = RowExchange(group)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _ShardedAttentionFn.apply(q, k, v, run, plan, exchange)
+    send, send_sizes = _send_buffer(plan, k, v)
+    recv = exchange(send, send_sizes, _recv_sizes(plan, k, v)) if plan.communicates else send
+    return run.sharded_forward(q, k, v, plan, recv)[0]
 
 
 @torch.compiler.disable  # Python-level plan and custom kernels: a graph break, never traced
@@ -261,6 +329,9 @@ def dilated_attention(
     causal: bool = True,
     scale: float | None = None,
     backend: str = "auto",
+    settings: AttentionSettings | dict | None = None,
+    group=None,
+    lengths=None,
 ) -> torch.Tensor:
     """LongNet dilated attention of ``q, k, v`` ``[B, N, H, D]`` → ``[B, N, H, D]``.
 
@@ -271,34 +342,50 @@ def dilated_attention(
 
     ``backend``: ``auto`` (fastest that runs here), ``sdpa``, ``xformers``, ``torch`` (plain
     PyTorch, any device) or ``reference`` (dense ``N x N``, for tests and tiny inputs).
+    ``settings``: :class:`AttentionSettings` (how it runs, never what it computes).
+
+    ``group``: a ``torch.distributed`` process group over which one sequence is split. Each rank
+    passes its contiguous chunk ``[B, N_local, H, D]`` (rank order = position order; lengths may
+    differ) and gets its chunk of the output; outputs and gradients equal rows of the
+    single-process result. ``lengths``: every rank's ``N_local`` in rank order, if known (saves
+    one small collective that also checks that the ranks' shapes agree).
     """
     pattern = DilationPattern.of(segment_lengths, dilation_rates)
     _check_qkv(q, k, v)
+    settings = AttentionSettings.of(settings)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "reference":
+        if group is not None:
+            raise ValueError("backend='reference' runs on one process: use another backend with group=")
         return dilated_attention_reference(q, k, v, pattern, causal=causal, scale=scale)
-    kernel = select_kernel(backend, q)
+    run = _Run(pattern, causal, scale, select_kernel(backend, q, settings), settings, use_triton(q, settings))
     q, k, v = normalize_layout(q), normalize_layout(k), normalize_layout(v)
+    if group is not None:
+        if k.dtype != v.dtype:
+            raise ValueError(f"k ({k.dtype}) and v ({v.dtype}) must share a dtype with group=: their rows travel together")
+        return _sharded(q, k, v, run, group, lengths)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _DilatedAttentionFn.apply(q, k, v, pattern, causal, scale, kernel)
-    if use_packed(q, causal):
-        return packed_forward(q, k, v, pattern, scale, kernel)[0]
-    return dilated_forward(q, k, v, pattern, causal, scale, kernel)[0]
+        return _DilatedAttentionFn.apply(q, k, v, run)
+    if use_packed(q, causal, settings, run.triton):
+        return run.packed_forward(q, k, v)[0]
+    return run.strided_forward(q, k, v)[0]
 
 
 class DilatedAttention(nn.Module):
     """:func:`dilated_attention` as a module: ``forward(q, k, v)`` on ``[B, N, H, D]``."""
 
     def __init__(self, segment_lengths, dilation_rates, causal: bool = True, scale: float | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", settings: AttentionSettings | dict | None = None):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
         self.pattern = DilationPattern.of(segment_lengths, dilation_rates)
         self.causal, self.scale, self.backend = causal, scale, backend
+        self.settings = AttentionSettings.of(settings)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return dilated_attention(q, k, v, self.pattern, causal=self.causal, scale=self.scale, backend=self.backend)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, lengths=None) -> torch.Tensor:
+        return dilated_attention(q, k, v, self.pattern, causal=self.causal, scale=self.scale, backend=self.backend,
+                                 settings=self.settings, group=group, lengths=lengths)
 
     def extra_repr(self) -> str:
         return f"{self.pattern}, causal={self.causal}, backend={self.backend!r}"

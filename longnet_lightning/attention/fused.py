@@ -6,7 +6,7 @@ and a plain PyTorch one (any device; the specification the Triton kernels are te
 * **views** (strided plan): a kernel call's rows are a strided view ``[A, L, G, D]`` of
   ``[B, N, H, D]`` (:func:`.pattern.block_view`). :func:`merge_view_` folds the call's output
   into the accumulators; :func:`accumulate_view_` adds its gradients into dq, dk, dv.
-* **packed** (packed plan): a :class:`Chunk` of one branch's segments, every head, as a dense
+* **packed** (packed plan): a :class:`.plan.Chunk` of one branch's segments, every head, as a dense
   ``[S, L, H, D]`` block (slot ``(s, j, h)`` holds position ``seg*w + h%r + j*r``; slots past a
   segment or the sequence are padding, always the last rows of their segment). :func:`pack`
   gathers (padding: 0, and ``+inf`` for the log-sum-exp so padded queries send no gradient),
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from .pattern import packed_index
+from .plan import Chunk, packed_index
+from .settings import FALLBACKS, AttentionSettings
 
 try:  # Triton ships with CUDA builds of PyTorch; without it every op takes the PyTorch path
     import triton
@@ -33,62 +33,18 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-_triton_failed = False  # set once a Triton kernel cannot be built here; PyTorch takes over
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton kernels for CUDA tensors when Triton is installed (``LONGNET_TRITON=0`` turns
-    them off; ``LONGNET_TRITON=interpret`` also runs them on CPU through Triton's interpreter,
-    which is how the CPU tests check them)."""
-    mode = os.environ.get("LONGNET_TRITON", "1")
-    if mode not in ("0", "1", "interpret"):
-        raise ValueError(f"LONGNET_TRITON={mode!r}: use 1 (default), 0 (PyTorch data movement) or interpret")
-    if triton is None or mode == "0" or _triton_failed:
+def use_triton(x: torch.Tensor, settings: AttentionSettings) -> bool:
+    """Whether the Triton kernels move ``x``'s rows: CUDA tensors when Triton is installed and
+    has not failed here (``settings.triton="off"`` turns them off; ``"interpret"`` also runs
+    them on CPU through Triton's interpreter, which is how the CPU tests check them)."""
+    if triton is None or settings.triton == "off" or FALLBACKS.triton is not None:
         return False
-    return x.is_cuda or (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1")
+    return x.is_cuda or (settings.triton == "interpret" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Segments ``s0 <= s < s1`` (over all batch rows, ``nseg`` per row) of branch ``(w, r)`` of
-    a ``[bsz, n, heads, D]`` input, packed as ``[s1 - s0, length, heads, D]``."""
-
-    bsz: int
-    n: int
-    heads: int
-    w: int
-    r: int
-    s0: int
-    s1: int
-
-    @property
-    def nseg(self) -> int:
-        return -(-self.n // self.w)
-
-    @property
-    def length(self) -> int:
-        return -(-min(self.w, self.n) // self.r)
-
-    @property
-    def segments(self) -> int:
-        return self.s1 - self.s0
-
-    @property
-    def rows(self) -> int:
-        return self.segments * self.length * self.heads
-
-    @property
-    def is_view(self) -> bool:
-        """``r = 1`` and whole segments: the packed block is a plain view, nothing to gather."""
-        return self.r == 1 and self.n % min(self.w, self.n) == 0
-
-
-def chunks(bsz: int, n: int, heads: int, w: int, r: int, max_rows: int) -> list[Chunk]:
-    """Branch ``(w, r)`` cut into chunks of whole segments, each at most ``max_rows`` slots
-    (rows x heads) unless one segment alone is larger."""
-    whole = Chunk(bsz, n, heads, w, r, 0, bsz * -(-n // w))
-    per = max(1, max_rows // (whole.length * heads))
-    return [Chunk(bsz, n, heads, w, r, s, min(s + per, whole.s1)) for s in range(0, whole.s1, per)]
+def _tri(flag: bool) -> bool:
+    """A caller's Triton choice, unless a kernel failed to build earlier in this process."""
+    return flag and triton is not None and FALLBACKS.triton is None
 
 
 def packed_view(x: torch.Tensor, c: Chunk) -> torch.Tensor:
@@ -315,23 +271,14 @@ if triton is not None:
 
 
 # Elements (rows x padded head dim) per program and warps, per kernel; measured on an H200
-# (benchmarks/tune_fused.py). LONGNET_TRITON_LAUNCH="kernel=elems:warps,..." overrides.
+# (benchmarks/tune_fused.py, which edits this table in its own process to compare settings).
 LAUNCH = {"default": (8192, 4), "_merge_view_kernel": (2048, 4), "_pack_kernel": (1024, 2),
           "_unpack_merge_kernel": (1024, 2), "_unpack_acc_kernel": (4096, 8)}
-for _item in filter(None, os.environ.get("LONGNET_TRITON_LAUNCH", "").split(",")):
-    _name, _, _cfg = _item.partition("=")
-    try:
-        _elems, _warps = (int(v) for v in _cfg.split(":"))
-    except ValueError:
-        raise ValueError(f"LONGNET_TRITON_LAUNCH item {_item!r}: write kernel=elements:warps, "
-                         "e.g. _pack_kernel=1024:2") from None
-    LAUNCH[_name.strip()] = (_elems, _warps)
 
 
 def _launch(kernel, n_rows: int, d: int, *args, **meta) -> bool:
     """Launch ``kernel`` over ``n_rows`` rows; False (said once) if Triton cannot build it here
     (no C compiler, an unsupported GPU, ...), after which every op takes the PyTorch path."""
-    global _triton_failed
     bd = triton.next_power_of_2(d)
     elems, warps = LAUNCH.get(kernel.__name__, LAUNCH["default"])
     block = max(1, elems // bd)
@@ -340,10 +287,11 @@ def _launch(kernel, n_rows: int, d: int, *args, **meta) -> bool:
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - compilation happens at the first launch
-        _triton_failed = True
-        warnings.warn(f"longnet_lightning: the Triton kernel {kernel.__name__} failed ({type(e).__name__}: "
-                      f"{str(e).strip()[:300]}); using PyTorch data movement from now on (slower). "
-                      "Set LONGNET_TRITON=0 to choose that explicitly.", stacklevel=3)
+        FALLBACKS.triton = f"{kernel.__name__}: {type(e).__name__}: {str(e).strip()[:300]}"  # once per process
+        warnings.warn(f"longnet_lightning: the Triton kernel {kernel.__name__} failed ({FALLBACKS.triton}); "
+                      "using PyTorch data movement "
+                      "from now on (slower). Set the attention setting triton='off' to choose that explicitly.",
+                      stacklevel=3)
         return False
     return True
 
@@ -365,7 +313,7 @@ def _same_layout(ts) -> bool:
 # Public ops: Triton where it runs, else PyTorch
 # ----------------------------------------------------------------------------------------------
 
-def pack(xs, c: Chunk, lse: torch.Tensor | None = None, out=None):
+def pack(xs, c: Chunk, lse: torch.Tensor | None = None, out=None, *, triton: bool = False):
     """Gather ``xs`` (each ``[B, N, H, *]``) into packed blocks ``[S, L, H, *]`` (padding 0),
     and ``lse`` ``[B, N, H]`` into ``[S, H, L]`` float32 (padding ``+inf``).
 
@@ -379,12 +327,12 @@ def pack(xs, c: Chunk, lse: torch.Tensor | None = None, out=None):
         out = ([torch.empty(c.segments, c.length, c.heads, x.shape[-1], dtype=x.dtype, device=x.device) for x in xs],
                None if lse is None else torch.empty(c.segments, c.heads, c.length, dtype=f32, device=lse.device))
     ys, ly = list(out[0]), out[1]
-    if use_triton(ref) and not (xs and xs[0].stride(-1) != 1):
+    if _tri(triton) and not (xs and xs[0].stride(-1) != 1):
         if len(xs) > 5 or not _same_layout(xs):  # e.g. v with its own head dim: one launch per tensor
             for x, y in zip(xs, ys):
-                pack([x], c, out=([y], None))
+                pack([x], c, out=([y], None), triton=triton)
             if lse is not None:
-                pack([], c, lse, out=([], ly))
+                pack([], c, lse, out=([], ly), triton=triton)
             return ys, ly
         xp = xs + [ref] * (5 - len(xs))
         yp = ys + [ly if ly is not None else ref] * (5 - len(ys))
@@ -401,10 +349,11 @@ def pack(xs, c: Chunk, lse: torch.Tensor | None = None, out=None):
     return ys, ly
 
 
-def unpack_merge_(acc: torch.Tensor, lacc: torch.Tensor, o: torch.Tensor, lo: torch.Tensor, c: Chunk, first: bool):
+def unpack_merge_(acc: torch.Tensor, lacc: torch.Tensor, o: torch.Tensor, lo: torch.Tensor, c: Chunk, first: bool,
+                  *, triton: bool = False):
     """Merge a packed kernel output ``o`` ``[S, L, H, Dv]``, ``lo`` ``[S, H, L]`` into the
     accumulators ``acc`` ``[B, N, H, Dv]`` and ``lacc`` ``[B, N, H]`` (float32/64), in place."""
-    if use_triton(acc) and o.stride(-1) == 1:
+    if _tri(triton) and o.stride(-1) == 1:
         lo_c = lo.reshape(c.segments, c.heads, c.length).to(lacc.dtype).contiguous()
         if _launch(_unpack_merge_kernel, c.rows, acc.shape[-1], acc, lacc, o, lo_c, *acc.stride()[:3], *lacc.stride(),
                    *o.stride()[:3], *_geometry(c), FIRST=first, CT=_acc(lacc)):
@@ -412,14 +361,14 @@ def unpack_merge_(acc: torch.Tensor, lacc: torch.Tensor, o: torch.Tensor, lo: to
     _unpack_merge_torch(acc, lacc, o, lo, c, first)
 
 
-def unpack_accumulate_(dsts, grads, c: Chunk, first: bool):
+def unpack_accumulate_(dsts, grads, c: Chunk, first: bool, *, triton: bool = False):
     """Add packed gradients ``grads`` (each ``[S, L, H, *]``) into ``dsts`` (``[B, N, H, *]``), in
     place (``first``: write instead of add)."""
     dsts, grads = list(dsts), list(grads)
-    if use_triton(dsts[0]) and grads[0].stride(-1) == 1:
+    if _tri(triton) and grads[0].stride(-1) == 1:
         if len(dsts) > 1 and not (_same_layout(dsts) and _same_layout(grads)):  # e.g. v's own head dim
             for dst, g in zip(dsts, grads):
-                unpack_accumulate_([dst], [g], c, first)
+                unpack_accumulate_([dst], [g], c, first, triton=triton)
             return
         dp, gp = dsts + [dsts[0]] * (3 - len(dsts)), grads + [grads[0]] * (3 - len(grads))
         if _launch(_unpack_acc_kernel, c.rows, dsts[0].shape[-1], *dp, *gp, *dsts[0].stride()[:3],
@@ -428,11 +377,12 @@ def unpack_accumulate_(dsts, grads, c: Chunk, first: bool):
     _unpack_accumulate_torch(dsts, grads, c, first)
 
 
-def merge_view_(acc_v: torch.Tensor, lacc_v: torch.Tensor, o: torch.Tensor, lo: torch.Tensor, first: bool):
+def merge_view_(acc_v: torch.Tensor, lacc_v: torch.Tensor, o: torch.Tensor, lo: torch.Tensor, first: bool,
+                *, triton: bool = False):
     """Strided plan: merge ``o`` ``[A, L, G, Dv]`` and ``lo`` ``[A, G, L]`` into the accumulator
     views ``acc_v`` ``[A, L, G, Dv]`` and ``lacc_v`` ``[A, L, G]``, in place."""
     lo_v = lo.transpose(1, 2)  # [A, L, G]
-    if use_triton(acc_v) and o.stride(-1) == 1 and acc_v.stride(-1) == 1:
+    if _tri(triton) and o.stride(-1) == 1 and acc_v.stride(-1) == 1:
         a, length, g, d = acc_v.shape
         if _launch(_merge_view_kernel, a * length * g, d, acc_v, lacc_v, o, lo_v, *acc_v.stride()[:3],
                    *lacc_v.stride(), *o.stride()[:3], *lo_v.stride(), a * length * g, length, g, FIRST=first,
@@ -443,13 +393,13 @@ def merge_view_(acc_v: torch.Tensor, lacc_v: torch.Tensor, o: torch.Tensor, lo: 
     lacc_v.copy_(new_l)
 
 
-def accumulate_view_(dsts, grads, first: bool):
+def accumulate_view_(dsts, grads, first: bool, *, triton: bool = False):
     """Strided plan: ``dst (+)= g`` for views ``dst`` and kernel gradients ``g`` ``[A, L, G, *]``."""
     dsts, grads = list(dsts), list(grads)
-    if use_triton(dsts[0]) and grads[0].stride(-1) == 1 and dsts[0].stride(-1) == 1:
+    if _tri(triton) and grads[0].stride(-1) == 1 and dsts[0].stride(-1) == 1:
         if len(dsts) > 1 and not (_same_layout(dsts) and _same_layout(grads)):
             for dst, g in zip(dsts, grads):
-                accumulate_view_([dst], [g], first)
+                accumulate_view_([dst], [g], first, triton=triton)
             return
         a, length, g, d = dsts[0].shape
         dp, gp = dsts + [dsts[0]] * (3 - len(dsts)), grads + [grads[0]] * (3 - len(grads))
@@ -460,5 +410,5 @@ def accumulate_view_(dsts, grads, first: bool):
         dst.copy_(g if first else _add_math(dst, g))
 
 
-__all__ = ["Chunk", "chunks", "packed_view", "pack", "unpack_merge_", "unpack_accumulate_", "merge_view_",
+__all__ = ["packed_view", "pack", "unpack_merge_", "unpack_accumulate_", "merge_view_",
            "accumulate_view_", "use_triton"]

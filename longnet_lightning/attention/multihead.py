@@ -11,6 +11,7 @@ from .dilated import dilated_attention
 from .kernels import BACKENDS
 from .pattern import DilationPattern
 from .position import Rotary
+from .settings import AttentionSettings
 
 
 class LayerNorm(nn.LayerNorm):
@@ -53,12 +54,14 @@ class MultiheadDilatedAttention(nn.Module):
         sub_layernorm: MAGNETO's LayerNorm before the output projection.
         position: ``"xpos"``, ``"rope"`` or ``None``, applied to q and k at absolute positions.
         backend: dilated attention backend (see :func:`dilated_attention`).
+        settings: :class:`AttentionSettings`, how the attention runs.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths=None, dilation_rates=None,
                  causal: bool = True, dropout: float = 0.0, bias: bool = True, sub_layernorm: bool = True,
                  layer_norm_eps: float = 1e-5, position: str | None = None, rope_theta: float = 10000.0,
-                 xpos_scale_base: float = 512.0, backend: str = "auto", device=None, dtype=None):
+                 xpos_scale_base: float = 512.0, backend: str = "auto",
+                 settings: AttentionSettings | dict | None = None, device=None, dtype=None):
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be a positive multiple of num_heads={num_heads}")
@@ -70,7 +73,7 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
         self.pattern = None if segment_lengths is None else DilationPattern.of(segment_lengths, dilation_rates)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.causal, self.backend = causal, backend
+        self.causal, self.backend, self.settings = causal, backend, AttentionSettings.of(settings)
         kw = dict(device=device, dtype=dtype)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
@@ -97,19 +100,40 @@ class MultiheadDilatedAttention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """``x`` ``[B, N, E]`` (positions ``start_pos..``) → ``[B, N, E]``."""
+    def forward(self, x: torch.Tensor, start_pos: int = 0, group=None, lengths=None) -> torch.Tensor:
+        """``x`` ``[B, N, E]`` (positions ``start_pos..``) → ``[B, N, E]``.
+
+        ``group``: a process group over which one sequence is split; ``x`` is this rank's
+        contiguous chunk (its positions follow from every rank's chunk length, ``lengths``,
+        gathered here when not given) and the result is this rank's chunk of the output.
+        """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be [B, N, {self.embed_dim}], got {tuple(x.shape)}")
         b, n, _ = x.shape
+        origin = start_pos
+        if group is not None:
+            if self.pattern is None:
+                raise ValueError("sequence parallelism (group=) needs dilated attention: dense attention would need "
+                                 "every key on every rank; set segment_lengths and dilation_rates")
+            if start_pos:
+                raise ValueError(f"start_pos={start_pos} with group=: a chunk's position comes from the group's "
+                                 "chunk lengths; leave start_pos at 0")
+            if lengths is None:
+                from ..distributed.sequence import gather_lengths
+
+                lengths = gather_lengths(group, n, x.device, batch=b)
+            from torch.distributed import get_rank
+
+            start_pos, origin = sum(lengths[:get_rank(group)]), 0  # segments lie on the global grid
         shape = (b, n, self.num_heads, self.head_dim)
         q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, start=start_pos)
+            q, k = self.rotary(q, k, start=start_pos, origin=origin)
         if self.pattern is None:
             y = dense_attention(q, k, v, causal=self.causal)
         else:
-            y = dilated_attention(q, k, v, self.pattern, causal=self.causal, backend=self.backend)
+            y = dilated_attention(q, k, v, self.pattern, causal=self.causal, backend=self.backend,
+                                  settings=self.settings, group=group, lengths=lengths)
         y = y.reshape(b, n, self.embed_dim)  # [B, N, E]
         if self.inner_norm is not None:
             y = self.inner_norm(y)

@@ -1,14 +1,13 @@
-"""The dilation pattern and where each (branch, head offset) reads its rows.
+"""The dilation pattern, and the strided views through which a kernel call reads its rows.
 
 A branch ``(w, r)`` splits the sequence into segments of ``w`` positions and, in segment ``s``,
-head ``h`` keeps the positions ``s*w + o + j*r`` with ``o = h mod r`` (SPEC.md). Heads that share
-an offset share the selected positions, so one kernel call covers all of them: the rows of
-head-offset ``o`` are a *strided view* of ``[B, N, H, D]`` (row stride ``r`` positions, head stride
-``r`` heads), never a gathered copy. :func:`plan_branch` lists those views as :class:`Block`\\ s.
+head ``h`` keeps the positions ``s*w + o + j*r`` with ``o = h mod r`` (docs/semantics.md). Heads
+that share an offset share the selected positions, so one kernel call covers all of them: the rows
+of head-offset ``o`` are a *strided view* of ``[B, N, H, D]`` (row stride ``r`` positions, head
+stride ``r`` heads), never a gathered copy (:func:`block_view` of a :class:`.plan.Block`).
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -84,65 +83,6 @@ class DilationPattern:
         return f"w={list(self.segment_lengths)} r={list(self.dilation_rates)}"
 
 
-@dataclass(frozen=True)
-class Block:
-    """One kernel call: ``[Bt, L, G, D]`` rows of one branch and one head offset.
-
-    The view starts at position ``start + offset`` of batch row ``batch`` (all rows when
-    ``batch`` is None and ``Bt`` folds batch and segments), head ``offset``; consecutive kernel
-    batch entries are ``batch_stride`` positions apart (a segment), rows ``r`` positions apart,
-    heads ``r`` heads apart.
-    """
-
-    batch: int | None  # None: every batch row, folded into Bt
-    start: int  # first position of the first segment
-    offset: int  # head offset o = h mod r, also the first selected position in each segment
-    r: int
-    bt: int  # kernel batch: number of segments (times B when batch is None)
-    batch_stride: int  # positions between consecutive kernel batch entries
-    length: int  # rows per segment, L
-    heads: int  # heads with this offset, G
-
-
-def _segments_view_ok(n: int, w: int, bsz: int) -> bool:
-    return bsz == 1 or n % w == 0
-
-
-def plan_branch(n: int, heads: int, w: int, r: int, bsz: int) -> list[Block]:
-    """Kernel calls that cover branch ``(w, r)`` for a ``[bsz, n, heads, D]`` input.
-
-    Every row of a block is a selected position (no padding): full segments have
-    ``ceil((w - o) / r)`` rows for offset ``o``, the last partial segment its own count.
-    """
-    blocks: list[Block] = []
-    full = n // w
-    rest = n - full * w
-    for o in range(min(r, heads)):
-        g = len(range(o, heads, r))
-        length = -(-(w - o) // r) if o < w else 0
-        if full and length:
-            if _segments_view_ok(n, w, bsz):
-                blocks.append(Block(None, 0, o, r, bsz * full, w, length, g))
-            else:  # batch rows are not a whole number of segments apart: one call per row
-                blocks += [Block(b, 0, o, r, full, w, length, g) for b in range(bsz)]
-        tail = -(-(rest - o) // r) if rest > o else 0
-        if tail:
-            blocks.append(Block(None, full * w, o, r, bsz, n, tail, g))
-    return blocks
-
-
-def split_block(blk: Block, max_rows: int) -> list[Block]:
-    """``blk`` cut along its kernel batch so each call holds at most ``max_rows`` rows x heads."""
-    per = max(1, max_rows // max(1, blk.length * blk.heads))
-    if blk.bt <= per:
-        return [blk]
-    return [
-        Block(blk.batch, blk.start + i * blk.batch_stride, blk.offset, blk.r, min(per, blk.bt - i),
-              blk.batch_stride, blk.length, blk.heads)
-        for i in range(0, blk.bt, per)
-    ]
-
-
 def block_view(x: torch.Tensor, blk: Block) -> torch.Tensor:
     """The rows of ``blk`` in ``x`` ``[B, N, H, *rest]`` as a strided view ``[Bt, L, G, *rest]``.
 
@@ -172,25 +112,3 @@ def normalize_layout(x: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) == 1 and (b == 1 or x.stride(0) == n * x.stride(1)):
         return x
     return x.contiguous()
-
-
-@functools.lru_cache(maxsize=64)
-def packed_index(bsz: int, n: int, heads: int, w: int, r: int, device: torch.device):
-    """Where each slot of branch ``(w, r)``'s *packed* layout ``[S, L, H]`` reads its row.
-
-    Packed layout: every segment of every batch row (``S = bsz * ceil(N / w)``), ``L =
-    ceil(min(w, N) / r)`` rows, all ``H`` heads; slot ``(s, j, h)`` holds position
-    ``s*w + (h mod r) + j*r`` of head ``h``. Returns flat indices into ``[B*N*H]`` (``-1`` for a
-    slot past its segment or the sequence: always the last rows of a segment, so a causal kernel
-    never lets a real query see them) and ``(S, L)``.
-    """
-    nseg, length = -(-n // w), -(-min(w, n) // r)
-    s = torch.arange(nseg, device=device)[:, None, None]
-    j = torch.arange(length, device=device)[None, :, None]
-    h = torch.arange(heads, device=device)[None, None, :]
-    in_seg = h % r + j * r  # [1, L, H]
-    pos = s * w + in_seg  # [nseg, L, H]
-    flat = torch.where((in_seg < w) & (pos < n), pos * heads + h, -1)
-    b = torch.arange(bsz, device=device)[:, None, None, None] * (n * heads)
-    flat = torch.where(flat >= 0, flat[None] + b, -1)  # [B, nseg, L, H]
-    return flat.reshape(-1), (bsz * nseg, length)

@@ -5,7 +5,9 @@ XPOS (Sun et al., 2022) is RoPE times a per-dimension decay: ``q_n`` is scaled b
 the difference matters, so exponents are taken relative to an anchor (the centre of the block
 that holds the position) to keep the factors inside float32's range. Every segment of every
 branch must lie inside one block (block = lcm of the segment lengths), which makes the result
-exactly XPOS for every query-key pair dilated attention computes.
+exactly XPOS for every query-key pair dilated attention computes. Blocks therefore start where
+the attention's segment grid starts (``origin``): at the first position of a call on one device,
+at global position 0 for a chunk of a sequence split over ranks.
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ class Rotary(nn.Module):
         self.head_dim, self.theta, self.scale_base = head_dim, theta, xpos_scale_base
         self.gamma, self.anchor_block = xpos_gamma, anchor_block
 
-    def _tables(self, n: int, start: int, device):
-        """``cos, sin`` ``[N, D/2]`` and the XPOS decay ``[N, D/2]`` (``None`` for RoPE), float64."""
+    def _tables(self, n: int, start: int, origin: int, device):
+        """``cos, sin`` ``[N, D/2]`` and the XPOS decay ``[N, D/2]`` (``None`` for RoPE), float64,
+        for positions ``start..start+N-1`` with anchor blocks starting at ``origin``."""
         pos = torch.arange(start, start + n, device=device, dtype=torch.float64)
         i = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
         ang = pos[:, None] * self.theta ** (-i / self.head_dim)[None, :]  # [N, D/2], float64: exact at 1M
@@ -48,8 +51,9 @@ class Rotary(nn.Module):
         if self.anchor_block is None:
             anchor = torch.full_like(pos, start + n // 2)
         else:
-            anchor = torch.div(pos, self.anchor_block, rounding_mode="floor") * self.anchor_block + self.anchor_block // 2
-        span = self._max_offset(start, n)
+            b = self.anchor_block
+            anchor = origin + torch.div(pos - origin, b, rounding_mode="floor") * b + b // 2
+        span = self._max_offset(start - origin, n)
         if span > _XPOS_MAX_HALF_SPAN:
             raise ValueError(
                 f"XPOS over {n} positions with anchor_block={self.anchor_block}: decay factors leave "
@@ -72,20 +76,21 @@ class Rotary(nn.Module):
         dev = lambda p: abs(p - (p // b * b + b // 2))  # noqa: E731
         return max(dev(start), dev(start + n - 1))
 
-    def factors(self, n: int, start: int, device, dtype) -> tuple[torch.Tensor, ...]:
+    def factors(self, n: int, start: int, device, dtype, origin: int | None = None) -> tuple[torch.Tensor, ...]:
         """``(cq, sq, ck, sk)``, each ``[N, D]`` in ``dtype``: ``rotate(x) = x * c + rotate_half(x) * s``.
 
         Shared by every layer with the same settings (one copy, not one per layer); the last few
         (length, start, device, dtype, inference mode) combinations are kept (tables made under
         ``inference_mode`` cannot be saved for backward, so that mode has its own).
         """
-        key = (self.head_dim, self.theta, self.scale_base, self.gamma, self.anchor_block, n, start,
+        origin = start if origin is None else origin
+        key = (self.head_dim, self.theta, self.scale_base, self.gamma, self.anchor_block, n, start, origin,
                torch.device(device), dtype, torch.is_inference_mode_enabled())
         hit = _FACTORS.get(key)
         if hit is not None:
             _FACTORS.move_to_end(key)
         else:
-            cos, sin, decay = self._tables(n, start, device)
+            cos, sin, decay = self._tables(n, start, origin, device)
             c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
             if decay is None:
                 hit = (c, s, c, s)
@@ -103,13 +108,15 @@ class Rotary(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)  # halves, [B, N, H, D/2]
         return torch.addcmul(x * c[:, None], torch.cat((-x2, x1), dim=-1), s[:, None]).to(x.dtype)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0, origin: int | None = None):
         """``q, k`` ``[B, N, H, D]`` at positions ``start..start+N-1`` → rotated (and scaled).
 
-        Computed in float32 (float64 for float64 inputs) from float64 tables: exact at 1M positions.
+        ``origin``: where the attention's segment grid starts (default ``start``: the call's own
+        first position; 0 for a chunk of a sequence split over ranks). Computed in float32
+        (float64 for float64 inputs) from float64 tables: exact at 1M positions.
         """
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        cq, sq, ck, sk = self.factors(q.shape[1], start, q.device, dt)
+        cq, sq, ck, sk = self.factors(q.shape[1], start, q.device, dt, origin)
         return self._rotate(q, cq, sq), self._rotate(k, ck, sk)
 
     def extra_repr(self) -> str:
