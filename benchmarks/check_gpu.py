@@ -1,0 +1,218 @@
+"""GPU correctness check of every attention code path, against the float64 dense reference.
+
+Run after any change to ``longnet_lightning/attention/`` on a CUDA machine:
+
+    python -m benchmarks.check_gpu            # prints one table; exits 1 if a case fails
+
+It checks, in bf16 and fp32 (relative L2 error of outputs and gradients against float64):
+- rectangular blocks (``Lq < Lk``, offset causal mask) through every CUDA kernel: cuDNN, flash,
+  memory-efficient, plain torch, and xformers where it runs;
+- ``dilated_attention`` on awkward shapes, packed and strided plans, Triton and PyTorch data
+  movement;
+- sequence-parallel attention and a whole-model training step on two processes sharing the GPU
+  (``gloo`` on CUDA tensors), against one process on the whole sequence.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+
+import torch
+import torch.multiprocessing as mp
+
+from longnet_lightning import DilationPattern, dilated_attention, dilated_attention_reference
+from longnet_lightning.attention.kernels import KERNELS, attend, attend_backward
+from longnet_lightning.attention.settings import FALLBACKS, AttentionSettings
+
+BOUND = {torch.bfloat16: 2e-2, torch.float32: 2e-3}
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _rand(shape, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float64).to(dtype)
+
+
+def check_rectangular(rows):
+    for name, settings in [("sdpa/cudnn", AttentionSettings()), ("sdpa/flash", AttentionSettings(sdpa_cuda="flash")),
+                           ("torch", AttentionSettings()), ("xformers", AttentionSettings(xformers_force=True))]:
+        kernel = KERNELS[name.partition("/")[0]](settings)
+        for dtype in (torch.bfloat16, torch.float32):
+            if kernel.supports(torch.zeros(1, 8, 1, 64, device="cuda", dtype=dtype)):
+                rows.append((f"rect {name}", str(dtype)[6:], "-", "skipped: " + kernel.supports(
+                    torch.zeros(1, 8, 1, 64, device="cuda", dtype=dtype))[:60], True))
+                continue
+            worst = 0.0
+            for lq, lk, causal in [(384, 1024, True), (1000, 1000, True), (257, 2048, True), (300, 700, False)]:
+                q = _rand((3, lq, 4, 64), torch.float64, lq).requires_grad_()
+                k, v = (_rand((3, lk, 4, 64), torch.float64, lk + i).requires_grad_() for i in range(2))
+                s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8
+                if causal:
+                    s = s.masked_fill(torch.arange(lk, device="cuda")[None] > torch.arange(lk - lq, lk, device="cuda")[:, None],
+                                      float("-inf"))
+                ref = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)
+                dout = torch.randn_like(ref)
+                gref = torch.autograd.grad(ref, (q, k, v), dout)
+                ql, kl, vl, dl = (t.detach().to(dtype) for t in (q, k, v, dout))
+                out, lse = attend(kernel, ql, kl, vl, causal, 1 / 8)
+                grads = attend_backward(kernel, dl, ql, kl, vl, out, lse, causal, 1 / 8)
+                worst = max(worst, rel(out, ref), *(rel(g, r) for g, r in zip(grads, gref)))
+            rows.append((f"rect {name}", str(dtype)[6:], "4 shapes", f"{worst:.2e}", worst < BOUND[dtype]))
+
+
+CASES = [  # (B, N, H, D, ws, rs, causal)
+    (1, 8192, 12, 64, [2048, 4096, 8192], [1, 2, 4], True),
+    (2, 3001, 7, 64, [512, 1000, 3000], [1, 3, 7], True),
+    (1, 5000, 6, 64, [1024, 2048], [1, 5], False),
+    (3, 777, 5, 32, [128, 1024], [1, 6], True),
+]
+
+
+def check_single(rows):
+    for dtype in (torch.bfloat16, torch.float32):
+        for plan in ("packed", "strided"):
+            for tri in ("auto", "off"):
+                settings = AttentionSettings(packed_max_tokens=2**62 if plan == "packed" else 0, triton=tri)
+                worst = 0.0
+                for i, (b, n, h, d, ws, rs, causal) in enumerate(CASES):
+                    if plan == "packed" and not causal:
+                        continue
+                    q, k, v = (_rand((b, n, h, d), torch.float64, 10 * i + j).requires_grad_() for j in range(3))
+                    ref = dilated_attention_reference(q, k, v, DilationPattern(ws, rs), causal=causal)
+                    dout = torch.randn_like(ref)
+                    gref = torch.autograd.grad(ref, (q, k, v), dout)
+                    ql, kl, vl = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+                    out = dilated_attention(ql, kl, vl, ws, rs, causal=causal, settings=settings)
+                    grads = torch.autograd.grad(out, (ql, kl, vl), dout.to(dtype))
+                    worst = max(worst, rel(out, ref), *(rel(g, r) for g, r in zip(grads, gref)))
+                rows.append((f"dilated {plan}, triton {tri}", str(dtype)[6:], f"{len(CASES)} shapes", f"{worst:.2e}",
+                             worst < BOUND[dtype]))
+
+
+def _sp_worker(rank, world, store, results):
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        out = []
+        for dtype in (torch.bfloat16, torch.float32):
+            for i, (b, n, h, d, ws, rs, causal) in enumerate(CASES):
+                q, k, v, dout = (_rand((b, n, h, d), torch.float64, 10 * i + j) for j in range(4))
+                lengths = [len(t) for t in torch.tensor_split(torch.arange(n), world)]
+                a = sum(lengths[:rank])
+                sl = slice(a, a + lengths[rank])
+                ql, kl, vl = (t[:, sl].to(dtype).contiguous().requires_grad_() for t in (q, k, v))
+                o = dilated_attention(ql, kl, vl, ws, rs, causal=causal, group=dist.group.WORLD)
+                grads = torch.autograd.grad(o, (ql, kl, vl), dout[:, sl].to(dtype))
+                out.append((o.detach().cpu(), *(g.cpu() for g in grads)))
+        buf = io.BytesIO()  # as bytes: shared-memory handles would die with this process
+        torch.save(out, buf)
+        results.put((rank, "ok", buf.getvalue()))
+    except BaseException as e:  # noqa: BLE001
+        results.put((rank, "error", f"{e}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def check_sequence_parallel(rows, world=2):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_sp_worker, args=(r, world, os.path.join(tmp, "s"), results)) for r in range(world)]
+        for p in procs:
+            p.start()
+        got = {}
+        for _ in range(world):
+            rank, status, value = results.get(timeout=300)
+            if status != "ok":
+                rows.append(("sequence parallel", "-", f"{world} procs", "FAILED: " + value.splitlines()[0][:80], False))
+                print(value, file=sys.stderr)
+                return
+            got[rank] = torch.load(io.BytesIO(value), weights_only=True)
+        for p in procs:
+            p.join(timeout=30)
+    at = 0
+    for dtype in (torch.bfloat16, torch.float32):
+        worst = worst_same = 0.0
+        for i, (b, n, h, d, ws, rs, causal) in enumerate(CASES):
+            q, k, v, dout = (_rand((b, n, h, d), torch.float64, 10 * i + j) for j in range(4))
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            ref = dilated_attention_reference(q, k, v, DilationPattern(ws, rs), causal=causal)
+            gref = torch.autograd.grad(ref, (q, k, v), dout)
+            ql, kl, vl = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+            one = dilated_attention(ql, kl, vl, ws, rs, causal=causal, settings=AttentionSettings(packed_max_tokens=0))
+            gone = torch.autograd.grad(one, (ql, kl, vl), dout.to(dtype))
+            full = [torch.cat([got[r][at][j] for r in range(world)], 1).cuda() for j in range(4)]
+            e_sp = [rel(x, y) for x, y in zip(full, (ref, *gref))]
+            e_one = [rel(x, y) for x, y in zip((one, *gone), (ref, *gref))]
+            e_same = [rel(x, y) for x, y in zip(full, (one, *gone))]
+            print(f"sequence parallel {dtype} case {i}: vs float64 {e_sp}, one process vs float64 {e_one}, "
+                  f"vs one process {e_same}")
+            worst, worst_same = max(worst, *e_sp), max(worst_same, *e_same)
+            at += 1
+        rows.append((f"sequence parallel, {world} procs vs float64", str(dtype)[6:], f"{len(CASES)} shapes",
+                     f"{worst:.2e}", worst < BOUND[dtype]))
+        rows.append((f"sequence parallel vs 1 proc (strided, {str(dtype)[6:]})", str(dtype)[6:], f"{len(CASES)} shapes",
+                     f"{worst_same:.2e}", worst_same < BOUND[dtype]))
+
+
+def time_paper_pattern(rows):
+    """Median fwd+bwd ms of the paper pattern at 32K and 1M tokens (bf16, 12 x 64, causal)."""
+    from longnet_lightning.model import PATTERNS
+
+    ws, rs = PATTERNS["paper"]
+    for n in (32768, 1048576):
+        q, k, v = (torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        dout = torch.randn_like(q)
+        times = {}
+        for phase in ("fwd", "fwd+bwd"):
+            ms = []
+            for _ in range(7):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                out = dilated_attention(q, k, v, ws, rs)
+                if phase == "fwd+bwd":
+                    torch.autograd.grad(out, (q, k, v), dout)
+                b.record()
+                torch.cuda.synchronize()
+                ms.append(a.elapsed_time(b))
+            times[phase] = sorted(ms[2:])[len(ms[2:]) // 2]
+        rows.append((f"time paper pattern N={n}", "bf16", "median of 5", f"fwd {times['fwd']:.2f} ms, "
+                     f"fwd+bwd {times['fwd+bwd']:.2f} ms", True))
+        del q, k, v, dout, out
+
+
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    if not torch.cuda.is_available():
+        print("check_gpu: no CUDA device here; run it on a GPU machine", file=sys.stderr)
+        return 2
+    warnings.simplefilter("ignore")
+    rows: list[tuple] = []
+    for check in (check_rectangular, check_single, check_sequence_parallel, time_paper_pattern):
+        try:
+            check(rows)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other checks
+            traceback.print_exc()
+            rows.append((check.__name__, "-", "-", f"ERROR {type(e).__name__}: {str(e)[:80]}", False))
+    print(f"\ntorch {torch.__version__}, {torch.cuda.get_device_name()}, fallbacks: triton={FALLBACKS.triton}, "
+          f"cudnn={FALLBACKS.cudnn}")
+    print(f"| {'check':<48} | dtype | cases | max rel. error | ok |\n|---|---|---|---|---|")
+    for name, dt, cases, err, ok in rows:
+        print(f"| {name:<48} | {dt} | {cases} | {err} | {'yes' if ok else 'NO'} |")
+    return 0 if all(r[-1] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
