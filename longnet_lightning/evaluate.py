@@ -198,44 +198,28 @@ class Checkpoint:
 
     def build(self, device: torch.device):
         """The LongNet with the checkpoint's weights, on ``device``, in eval mode."""
-        from .model import LongNet
+        from . import checkpoint as ckpt_format
 
-        net = LongNet(self.config)
-        prefix = "model."
-        weights = {k[len(prefix):]: v for k, v in self.raw["state_dict"].items() if k.startswith(prefix)}
         try:
-            net.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise EvaluationError(
-                f"ckpt_path={self.path!r}: its weights do not fit the LongNet its hyperparameters describe ({first}); "
-                "a LongNetLM subclass with other modules can be evaluated from Python with "
-                "longnet_lightning.evaluation.evaluate_perplexity(model, ...)"
-            ) from None
+            net = ckpt_format.build_model(self.raw, f"ckpt_path={self.path!r}", self.config)
+        except ckpt_format.CheckpointError as e:
+            raise EvaluationError(str(e)) from None
         return net.to(device).eval()
 
 
 def read_model_checkpoint(path: str, tokenizer_override: str | None = None) -> Checkpoint:
     """Read and check a LongNetLM checkpoint without building its weights (EvaluationError if unusable)."""
-    from .cli import CLIError, read_checkpoint
+    from . import checkpoint as ckpt_format
     from .data.tokenizers import build_tokenizer, load_tokenizer
-    from .lm import LongNetLM
     from .model import LongNet
 
+    where = f"ckpt_path={str(path)!r}"
     try:
-        raw = read_checkpoint(path)
-    except CLIError as e:
+        raw = ckpt_format.read_checkpoint(path)
+        config = ckpt_format.model_config(raw, where)
+    except ckpt_format.CheckpointError as e:
         raise EvaluationError(str(e)) from None
-    hp = {k: v for k, v in dict(raw.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    accepted = set(inspect.signature(LongNetLM.__init__).parameters) - {"self"}
-    kwargs = {k: v for k, v in hp.items() if k in accepted}
-    vocab = kwargs.pop("vocab_size", None)
-    if not vocab:
-        raise EvaluationError(f"ckpt_path={path!r} stores no vocab_size in its hyperparameters; it cannot be rebuilt.")
-    try:
-        config = LongNetLM(**kwargs).model_config(vocab_size=int(vocab))
-    except (TypeError, ValueError) as e:
-        raise EvaluationError(f"ckpt_path={path!r}: its model hyperparameters do not describe a LongNet ({e}).") from None
+    hp = ckpt_format.hyperparameters(raw)
     spec = raw.get("tokenizer_spec")
     if tokenizer_override:
         tokenizer = build_tokenizer(tokenizer_override)
@@ -243,14 +227,13 @@ def read_model_checkpoint(path: str, tokenizer_override: str | None = None) -> C
         tokenizer = load_tokenizer(spec)
     else:
         raise EvaluationError(
-            f"ckpt_path={path!r} stores no tokenizer (it was not trained on a LongTextDataModule); "
+            f"{where} stores no tokenizer (it was not trained on a LongTextDataModule); "
             "pass --tokenizer byte or --tokenizer path/to/tokenizer.json (the one it was trained with)."
         )
-    if tokenizer.vocab_size > config.vocab_size:
-        raise EvaluationError(
-            f"the tokenizer has {tokenizer.vocab_size} ids but the model of ckpt_path={path!r} only "
-            f"{config.vocab_size}: use the tokenizer the checkpoint was trained with."
-        )
+    try:
+        ckpt_format.check_tokenizer(tokenizer.vocab_size, config.vocab_size, f"the model of {where}")
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
     with torch.device("meta"):  # the limits of this architecture, without allocating its weights
         limit, why = max_context_length(LongNet(config))
     return Checkpoint(str(path), raw, hp, config, tokenizer, limit, why)

@@ -79,7 +79,7 @@ def test_fit_validate_test_predict(tmp_path, tiny_corpus, cache_dir, capsys):
     assert float(m["val/ppl"]) == pytest.approx(math.exp(total / count), rel=1e-5)
     assert float(m["val/bpb"]) == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
 
-    with pytest.raises(CLIError, match="vocab_size=300 differs from the checkpoint's vocab_size=257"):
+    with pytest.raises(CLIError, match="tokenizer has vocab_size=300 but the model vocab_size=257"):
         run("validate", root, tiny_corpus, cache_dir, "--data.tokenizer", "bpe", "--data.bpe_vocab_size", "300",
             "--ckpt_path", str(last))
 
@@ -122,7 +122,7 @@ def _foreign_checkpoint(path):
     "make, needle",
     [
         (None, "does not exist"),
-        (lambda p: p.write_text("not a checkpoint"), "is not a readable PyTorch checkpoint"),
+        (lambda p: p.write_text("not a checkpoint"), "is not a PyTorch checkpoint"),
         (lambda p: torch.save({"weights": torch.ones(2)}, p), "is not a Lightning checkpoint"),
         (_foreign_checkpoint, "not one of a LongNetLM"),
     ],

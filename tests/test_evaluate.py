@@ -280,7 +280,7 @@ def test_bad_checkpoints_are_one_line_errors(copy_setup, capsys, tmp_path):
     foreign = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "pytorch-lightning_version": "2.6.0"}, foreign)
     common = ("--data", text, "--context_lengths", 16, "--out_dir", tmp_path / "o", "--cache_dir", copy_setup["cache"])
-    assert "is not a readable PyTorch checkpoint" in error_of(capsys, "--ckpt_path", text, *common)
+    assert "is not a PyTorch checkpoint" in error_of(capsys, "--ckpt_path", text, *common)
     assert "does not exist" in error_of(capsys, "--ckpt_path", tmp_path / "missing.ckpt", *common)
     assert "not one of a LongNetLM" in error_of(capsys, "--ckpt_path", foreign, *common)
     raw = torch.load(copy_setup["longnet"], map_location="cpu", weights_only=True)

@@ -1,7 +1,8 @@
-"""Long-text data: sources, tokenizers, token caches, windows and the LongTextDataModule."""
+"""Long-text data: sources, tokenizers, token caches, windows, the LongTextDataModule and the prompts of predict."""
 
 from .cache import Corpus, SplitSpec, TokenCache, build_token_cache, cache_root, load_or_train_bpe
 from .datamodule import LongTextDataModule
+from .prompts import PromptDataModule
 from .sources import Document, read_documents, resolve_sources, stdlib_corpus_files
 from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer, load_tokenizer, train_bpe
 from .windows import (
@@ -24,6 +25,7 @@ __all__ = [
     "EvalWindows",
     "HFTokenizer",
     "LongTextDataModule",
+    "PromptDataModule",
     "RandomWindowSampler",
     "ResumableDataLoader",
     "ShardSampler",
