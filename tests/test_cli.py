@@ -155,24 +155,12 @@ def test_warmup_longer_than_training_is_named(tmp_path, tiny_corpus, cache_dir):
 
 def test_evaluate_is_dispatched(monkeypatch):
     seen = {}
-    fake = types.ModuleType("longnet_lightning.evaluate")
+    fake = types.ModuleType(entry.EVALUATE_MODULE)
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "longnet_lightning.evaluate", fake)
+    monkeypatch.setitem(sys.modules, entry.EVALUATE_MODULE, fake)
     entry.main(["evaluate", "--ckpt_path", "x.ckpt"])
     assert seen["argv"] == ["--ckpt_path", "x.ckpt"]
-
-
-def test_evaluate_missing_is_a_clear_error(monkeypatch, capsys):
-    real = entry.importlib.import_module
-
-    def fake_import(name, *a, **k):
-        if name == "longnet_lightning.evaluate":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(entry.importlib, "import_module", fake_import)
-    assert entry.main(["evaluate"]) == 2
-    assert "evaluate" in capsys.readouterr().err
+    assert entry.EVALUATE_MODULE == "longnet_lightning.evaluation.command"
 
 
 # ----------------------------------------------------------------------------- runs that lose nothing

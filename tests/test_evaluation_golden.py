@@ -8,27 +8,32 @@ weights or the sums shows up here.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from longnet_lightning.evaluate import main
+from longnet_lightning.evaluation.command import main
 from longnet_lightning.lm import LongNetLM
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-# (extra flags) -> {context_length: (scored targets, perplexity, bits per byte)}
+# (extra flags; "--pack_documents" was "--pack") -> {context_length: (scored targets, perplexity, bits per byte)}
 GOLDEN = {
     (): {16: (1498, 350.5411891692383, 8.45344016302314), 64: (1498, 367.0162448872676, 8.51970011088033)},
     ("--stride", "8"): {16: (1498, 357.5521414582634, 8.482009833730254),
                         64: (1498, 372.98146110302633, 8.542960113447153)},
-    ("--pack",): {16: (1521, 364.024596259144, 8.575549316717442), 64: (1521, 370.079470916768, 8.599537749993901)},
+    ("--pack_documents",): {16: (1521, 364.024596259144, 8.575549316717442), 64: (1521, 370.079470916768, 8.599537749993901)},
 }
 
 
@@ -64,7 +69,7 @@ def fixed(tmp_path_factory):
 def test_evaluate_gives_the_recorded_numbers(fixed, extra, tmp_path):
     root, docs, ckpt = fixed
     out = tmp_path / "eval"
-    code = main(["--no_progress", "--ckpt_path", str(ckpt), "--data", str(docs), "--context_lengths", "16", "64",
+    code = main(["--no_progress", "--ckpt_path", str(ckpt), "--data_path", str(docs), "--context_lengths", "16", "64",
                  "--out_dir", str(out), "--cache_dir", str(root / "cache"), *extra])
     assert code == 0
     results = json.loads((out / "results.json").read_text())["models"][0]["results"]
@@ -74,3 +79,22 @@ def test_evaluate_gives_the_recorded_numbers(fixed, extra, tmp_path):
         assert got[c][0] == tokens
         assert got[c][1] == pytest.approx(ppl, rel=1e-6, abs=1e-6)
         assert got[c][2] == pytest.approx(bpb, rel=1e-6, abs=1e-6)
+
+
+def test_evaluation_imports_neither_the_cli_nor_the_lightning_module(fixed, tmp_path):
+    """A whole `evaluate` run, in a fresh interpreter, never imports longnet_lightning.cli or .lm."""
+    root, docs, ckpt = fixed
+    argv = ["--no_progress", "--ckpt_path", str(ckpt), "--data_path", str(docs), "--context_lengths", "16",
+            "--out_dir", str(tmp_path / "eval"), "--cache_dir", str(root / "cache")]
+    code = (
+        "import sys\n"
+        "import longnet_lightning.evaluation\n"
+        "from longnet_lightning.evaluation.command import main\n"
+        f"assert main({argv!r}) == 0\n"
+        "bad = sorted(m for m in sys.modules if m in ('longnet_lightning.cli', 'longnet_lightning.lm'))\n"
+        "print('IMPORTED', bad)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "IMPORTED []" in proc.stdout, proc.stdout
+    assert (tmp_path / "eval" / "results.json").is_file()

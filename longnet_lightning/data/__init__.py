@@ -12,9 +12,7 @@ from .windows import (
     ResumableDataLoader,
     ShardSampler,
     TrainWindows,
-    bits_per_byte,
-    eval_windows,
-    label_bytes,
+    context_windows,
 )
 
 __all__ = [
@@ -33,12 +31,10 @@ __all__ = [
     "TokenCache",
     "Tokenizer",
     "TrainWindows",
-    "bits_per_byte",
     "build_token_cache",
     "build_tokenizer",
     "cache_root",
-    "eval_windows",
-    "label_bytes",
+    "context_windows",
     "load_or_train_bpe",
     "load_tokenizer",
     "read_documents",

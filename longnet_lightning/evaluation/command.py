@@ -1,23 +1,27 @@
 """``python -m longnet_lightning evaluate``: how well do checkpoints predict long text, by context length?
 
+The data flags carry the DataModule's names (``--data_path``, ``--seed``, ``--pack_documents``;
+the old ``--data``, ``--split_seed`` and ``--pack`` still work as aliases). This module imports
+the model and the checkpoint module only: never the CLI or the LightningModule.
+
 Example (a LongNet and its dense baseline, on the held-out test split they were trained on)::
 
     python -m longnet_lightning evaluate \\
         --ckpt_path runs/longnet/checkpoints/last.ckpt runs/dense/checkpoints/last.ckpt \\
         --names "LongNet 8K" "Transformer 2K" --context_lengths 2K 8K 32K
 
-    python -m longnet_lightning evaluate --ckpt_path model.ckpt --data book.txt papers/ more.jsonl \\
+    python -m longnet_lightning evaluate --ckpt_path model.ckpt --data_path book.txt papers/ more.jsonl \\
         --context_lengths 2048 8192 32768 --stride 1024
 
 For every checkpoint and context length: perplexity, mean NLL and bits per byte over the same
-scored tokens (protocol in :mod:`longnet_lightning.evaluation.windows`), and the mean NLL by
+scored tokens (protocol in :mod:`longnet_lightning.data.windows`), and the mean NLL by
 position in the window in log-spaced buckets. Written to ``--out_dir``: ``results.json``,
 ``table.md`` (rows: models, columns: context lengths), ``loss_by_position.csv`` and
 ``loss_by_position.png``; the tables are printed at the end.
 
-Data: ``--data`` takes files, folders (recursive), globs and JSON Lines (``--text_field``), or
+Data: ``--data_path`` takes files, folders (recursive), globs and JSON Lines (``--text_field``), or
 ``stdlib`` for the built-in corpus; each checkpoint tokenises it with its own tokenizer. Without
-``--data`` the data the first checkpoint was trained on is used (its saved data-module settings),
+``--data_path`` the data the first checkpoint was trained on is used (its saved data-module settings),
 restricted to its held-out test split. ``--split`` picks a split of any data by the data
 module's document hash. Bad input (not our checkpoint, a context length the model cannot take,
 text too short) is one ``error:`` line and exit status 2.
@@ -39,9 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluation.perplexity import PRECISIONS, EvaluationError, evaluate_perplexity, max_context_length
-from .evaluation.report import context_label, table, write_report
-from .evaluation.windows import bucket_edges
+from .. import checkpoint as ckpt_format
+from .buckets import bucket_edges
+from .perplexity import PRECISIONS, EvaluationError, evaluate_perplexity, max_context_length, resolve_precision
+from .report import context_label, table, write_report
 
 DEBUG_ENV = "LONGNET_DEBUG"
 SPLITS = ("all", "train", "val", "test")
@@ -99,21 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", metavar="SPEC",
                    help="only for checkpoints that store no tokenizer: 'byte' or a tokenizer.json path")
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", metavar="PATH",
+    d.add_argument("--data_path", "--data", nargs="+", metavar="PATH", dest="data_path",
                    help="files, folders (recursive), globs or .jsonl files; 'stdlib' = the built-in corpus. "
                    "Default: the data the first checkpoint was trained on, test split")
-    d.add_argument("--format", choices=("auto", "text", "jsonl"), help="how to read --data (default auto: "
+    d.add_argument("--format", choices=("auto", "text", "jsonl"), help="how to read --data_path (default auto: "
                    ".jsonl files are JSON Lines)")
     d.add_argument("--text_field", help="JSON Lines field holding the text (default text)")
     d.add_argument("--errors", choices=("strict", "replace"), help="bytes that are not UTF-8: an error "
                    "(strict, default) or U+FFFD (replace)")
     d.add_argument("--split", choices=SPLITS,
                    help="keep only the documents the data module puts in this split (by a hash of their name); "
-                   "default: test without --data, all with it")
+                   "default: test without --data_path, all with it")
     d.add_argument("--val_fraction", type=_fraction, help="split setting (default: the checkpoint's, else 0.05)")
     d.add_argument("--test_fraction", type=_fraction, help="split setting (default: the checkpoint's, else 0.05)")
-    d.add_argument("--split_seed", type=int, help="split setting (default: the checkpoint's, else 1234)")
-    d.add_argument("--pack", action="store_true",
+    d.add_argument("--seed", "--split_seed", type=int, dest="seed",
+                   help="split setting (default: the checkpoint's, else 1234)")
+    d.add_argument("--pack_documents", "--pack", action="store_true", dest="pack_documents",
                    help="join the documents, each followed by EOS, into one sequence (as packed training); "
                    "default: each document alone")
     d.add_argument("--max_tokens", type=_positive,
@@ -198,8 +204,6 @@ class Checkpoint:
 
     def build(self, device: torch.device):
         """The LongNet with the checkpoint's weights, on ``device``, in eval mode."""
-        from . import checkpoint as ckpt_format
-
         try:
             net = ckpt_format.build_model(self.raw, f"ckpt_path={self.path!r}", self.config)
         except ckpt_format.CheckpointError as e:
@@ -209,9 +213,8 @@ class Checkpoint:
 
 def read_model_checkpoint(path: str, tokenizer_override: str | None = None) -> Checkpoint:
     """Read and check a LongNetLM checkpoint without building its weights (EvaluationError if unusable)."""
-    from . import checkpoint as ckpt_format
-    from .data.tokenizers import build_tokenizer, load_tokenizer
-    from .model import LongNet
+    from ..data.tokenizers import build_tokenizer, load_tokenizer
+    from ..model import LongNet
 
     where = f"ckpt_path={str(path)!r}"
     try:
@@ -257,29 +260,29 @@ class EvalData:
 def data_source(args: argparse.Namespace, first: Checkpoint) -> dict:
     """Paths, reading settings and split to evaluate on, from the arguments or the first checkpoint."""
     saved = first.data_settings
-    if args.data is None:
+    if args.data_path is None:
         if saved is None:
             raise EvaluationError(
-                f"no --data given and ckpt_path={first.path!r} stores no data-module settings to take it from; "
-                "give --data with files, folders, globs or .jsonl files (or 'stdlib' for the built-in corpus)."
+                f"no --data_path given and ckpt_path={first.path!r} stores no data-module settings to take it from; "
+                "give --data_path with files, folders, globs or .jsonl files (or 'stdlib' for the built-in corpus)."
             )
         paths = saved.get("data_path")
         origin = "the data the first checkpoint was trained on"
         split = args.split or "test"
     else:
-        paths = None if args.data == [STDLIB] else list(args.data)
+        paths = None if args.data_path == [STDLIB] else list(args.data_path)
         origin = None
         split = args.split or "all"
-    base = saved if (saved is not None and (args.data is None or args.split)) else {}
+    base = saved if (saved is not None and (args.data_path is None or args.split)) else {}
     fractions = {
         "val_fraction": args.val_fraction if args.val_fraction is not None else base.get("val_fraction", 0.05),
         "test_fraction": args.test_fraction if args.test_fraction is not None else base.get("test_fraction", 0.05),
-        "seed": args.split_seed if args.split_seed is not None else base.get("seed", 1234),
+        "seed": args.seed if args.seed is not None else base.get("seed", 1234),
     }
-    reading = saved if args.data is None else {}
-    if args.data is not None and split == "all" and saved is not None and _same_paths(paths, saved.get("data_path")):
-        _log("note: --data is the data the first checkpoint was trained on, and --split all keeps its training "
-             "documents too; use --split test (or leave out --data) to score only its held-out documents")
+    reading = saved if args.data_path is None else {}
+    if args.data_path is not None and split == "all" and saved is not None and _same_paths(paths, saved.get("data_path")):
+        _log("note: --data_path is the data the first checkpoint was trained on, and --split all keeps its training "
+             "documents too; use --split test (or leave out --data_path) to score only its held-out documents")
     return {
         "paths": paths,
         "format": args.format or reading.get("format", "auto"),
@@ -308,8 +311,8 @@ def _describe_paths(paths) -> str:
 
 
 def load_documents(source: dict, tokenizer, pack: bool, max_tokens: int | None, cache_dir: str | None) -> EvalData:
-    """Tokenise (through the token cache) and pick the split's documents; apply --pack and --max_tokens."""
-    from .data.cache import Corpus, SplitSpec, build_token_cache
+    """Tokenise (through the token cache) and pick the split's documents; apply --pack_documents and --max_tokens."""
+    from ..data.cache import Corpus, SplitSpec, build_token_cache
 
     corpus = Corpus.from_paths(source["paths"], format=source["format"], text_field=source["text_field"],
                                errors=source["errors"])
@@ -366,7 +369,7 @@ def check_lengths(data: EvalData, contexts: list[int], pack: bool) -> None:
         if data.cap:
             fixes.append(f"raise --max_tokens (now {data.cap['max_tokens']})")
         if not pack and sum(lengths) >= shortest + 1:
-            fixes.append("or --pack to join the documents into one sequence")
+            fixes.append("or --pack_documents to join the documents into one sequence")
         raise EvaluationError(
             f"the text is shorter than the shortest context length {shortest}: the longest document has "
             f"{longest} tokens, so no window of {shortest} tokens can be filled ({data.description}); "
@@ -461,13 +464,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         fp = c.tokenizer.fingerprint()
         if fp not in data_by_tokenizer:
             try:
-                data = load_documents(source, c.tokenizer, args.pack, args.max_tokens, source["cache_dir"])
+                data = load_documents(source, c.tokenizer, args.pack_documents, args.max_tokens, source["cache_dir"])
             except EvaluationError:
                 raise
             except (FileNotFoundError, ValueError) as e:  # the data module's messages name the problem and fix
-                where = "--data" if args.data is not None else f"the training data stored in {ckpts[0].path}"
+                where = "--data_path" if args.data_path is not None else f"the training data stored in {ckpts[0].path}"
                 raise EvaluationError(f"{where}: {e}") from e
-            check_lengths(data, contexts, args.pack)
+            check_lengths(data, contexts, args.pack_documents)
             data_by_tokenizer[fp] = data
     first = data_by_tokenizer[ckpts[0].tokenizer.fingerprint()]
     _log(f"data: {first.description}")
@@ -514,9 +517,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "protocol": {
-            "description": protocol_description(args.stride, args.pack),
+            "description": protocol_description(args.stride, args.pack_documents),
             "stride": args.stride,
-            "pack_documents": args.pack,
+            "pack_documents": args.pack_documents,
             "position": "tokens of context the target is predicted from, 1..context_length",
             "bucket_upper_edges": edges.tolist(),
         },
@@ -535,8 +538,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def _precision_used(precision: str, device: torch.device) -> str:
-    from .evaluation.perplexity import resolve_precision
-
     return resolve_precision(precision, device)
 
 
