@@ -9,7 +9,8 @@ interpolation. What it adds to LightningCLI:
 - default callbacks: ``checkpoint`` (a ModelCheckpoint every N steps plus ``last.ckpt``),
   ``lr_monitor``, ``prediction_writer``; default loggers CSV + TensorBoard (when installed), all
   under ``<trainer.default_root_dir>/lightning_logs/version_N/`` next to the resolved
-  ``config.yaml``;
+  ``config.yaml``; ``validate``/``test``/``predict`` never write into the working directory
+  (without a root they use the checkpoint's run root, see :meth:`LongNetCLI.instantiate_trainer`);
 - ``--ckpt_path`` is checked first (:func:`~longnet_lightning.checkpoint.read_checkpoint`): a
   missing, truncated or damaged file, one that is not a LongNetLM checkpoint, or one naming a model
   class outside longnet_lightning that the user did not name is a one-line error, not a traceback. Configuration errors raised while building the data and the
@@ -23,13 +24,14 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import checkpoint as ckpt_format
 from .callbacks import LRMonitor, PredictionWriter
@@ -183,9 +185,27 @@ class LongNetCLI(LightningCLI):
     # ------------------------------------------------------------------ trainer
 
     def instantiate_trainer(self, **kwargs: Any):
+        """The Trainer, with every file of the run under its root (never the working directory).
+
+        ``fit`` keeps Lightning's default root (``trainer.default_root_dir``, else the working
+        directory). ``validate``/``test``/``predict`` without ``default_root_dir`` use the run
+        root of ``--ckpt_path`` (:func:`run_root`); with neither, they write no file at all (no
+        logger, no saved config), and say so.
+        """
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        root = trainer_cfg.get("default_root_dir")
+        if root is None and self.subcommand != "fit":
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            root = run_root(ckpt_path) if ckpt_path and os.path.isfile(str(ckpt_path)) else None
+            if root is None:
+                kwargs["logger"] = False
+                self.save_config_callback = None
+                rank_zero_info(f"{self.subcommand}: no trainer.default_root_dir and no --ckpt_path, so no logs or "
+                               "config are written; set --trainer.default_root_dir to keep them")
+            else:
+                kwargs["default_root_dir"] = root
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(trainer_cfg.get("default_root_dir"))
+            kwargs["logger"] = default_loggers(root)
         return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -197,6 +217,17 @@ class LongNetCLI(LightningCLI):
             if os.environ.get(DEBUG_ENV):
                 raise
             raise CLIError(f"{e}  (set {DEBUG_ENV}=1 for the traceback)") from e
+
+
+def run_root(ckpt_path: str | os.PathLike) -> str:
+    """The root of the run that saved ``ckpt_path``: ``<root>/lightning_logs/version_N/checkpoints/x.ckpt``
+    gives ``<root>``; a checkpoint elsewhere gives its own folder."""
+    folder = Path(ckpt_path).expanduser().resolve().parent
+    if folder.name == "checkpoints":
+        folder = folder.parent
+        if folder.name.startswith("version_") and folder.parent.name == "lightning_logs":
+            folder = folder.parent.parent
+    return str(folder)
 
 
 def default_loggers(root_dir: str | os.PathLike | None = None) -> list:
@@ -227,4 +258,4 @@ def cli_main(args: list[str] | dict | None = None, **kwargs: Any) -> LongNetCLI:
         raise SystemExit(2) from None
 
 
-__all__ = ["CLIError", "LongNetCLI", "cli_main", "default_loggers"]
+__all__ = ["CLIError", "LongNetCLI", "cli_main", "default_loggers", "run_root"]
