@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import os
 import re
 import shlex

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import check_tokenizer
-from ..data.windows import DOC, LENGTH, SCORED, START, context_windows
+from ..data.windows import LENGTH, SCORED, context_windows
 from ..metrics import bits_per_byte, label_bytes
 from ..model import IGNORE_INDEX
 from .buckets import bucket_edges, bucketize
