@@ -1,8 +1,11 @@
 """longnet_lightning: LongNet dilated attention for PyTorch Lightning.
 
 The attention math lives in :mod:`longnet_lightning.attention`, the model in
-:mod:`longnet_lightning.model`, the Lightning glue in :mod:`longnet_lightning.lm` and
-:mod:`longnet_lightning.cli`, the data in :mod:`longnet_lightning.data`. Names are imported
+:mod:`longnet_lightning.model`, the checkpoint format in :mod:`longnet_lightning.checkpoint`, the
+LightningModule in :mod:`longnet_lightning.lm` (its metrics, optimizer pieces and callbacks in
+:mod:`.metrics`, :mod:`.optim`, :mod:`.callbacks`), the command line in
+:mod:`longnet_lightning.cli`, the data in :mod:`longnet_lightning.data` and long-context
+evaluation in :mod:`longnet_lightning.evaluation`. Names are imported
 lazily, so ``import longnet_lightning`` stays light and never imports xformers.
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ _EXPORTS = {
     "PATTERNS": "model",
     "LongNetLM": "lm",
     "LongTextDataModule": "data",
+    "PromptDataModule": "data",
+    "load_model": "checkpoint",
     "evaluate_perplexity": "evaluation",
 }
 __all__ = sorted(_EXPORTS)

@@ -9,9 +9,11 @@ interpolation. What it adds to LightningCLI:
 - default callbacks: ``checkpoint`` (a ModelCheckpoint every N steps plus ``last.ckpt``),
   ``lr_monitor``, ``prediction_writer``; default loggers CSV + TensorBoard (when installed), all
   under ``<trainer.default_root_dir>/lightning_logs/version_N/`` next to the resolved
-  ``config.yaml``;
-- ``--ckpt_path`` is checked first: a missing file or one that is not a LongNetLM checkpoint is a
-  one-line error, not a traceback. Configuration errors raised while building the data and the
+  ``config.yaml``; ``validate``/``test``/``predict`` never write into the working directory
+  (without a root they use the checkpoint's run root, see :meth:`LongNetCLI.instantiate_trainer`);
+- ``--ckpt_path`` is checked first (:func:`~longnet_lightning.checkpoint.read_checkpoint`): a
+  missing, truncated or damaged file, one that is not a LongNetLM checkpoint, or one naming a model
+  class outside longnet_lightning that the user did not name is a one-line error, not a traceback. Configuration errors raised while building the data and the
   model are one-line errors too (set ``LONGNET_DEBUG=1`` to see tracebacks).
 
 Plugins: any ``class_path`` importable from the working directory or ``PYTHONPATH`` works for
@@ -22,18 +24,18 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .lm import CHECKPOINT_MARK, LongNetLM, PredictionWriter
+from . import checkpoint as ckpt_format
+from .callbacks import LRMonitor, PredictionWriter
+from .lm import LongNetLM
 
 PARSER_MODE = "omegaconf"
 DESCRIPTION = (
@@ -43,60 +45,11 @@ DESCRIPTION = (
 )
 DEBUG_ENV = "LONGNET_DEBUG"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-# LongNetLM settings that define the weights: with --ckpt_path they come from the checkpoint.
-ARCHITECTURE_KEYS = ("model", "attention", "pattern", "segment_lengths", "dilation_rates", "position", "overrides")
 _LM_DEFAULTS = {k: p.default for k, p in inspect.signature(LongNetLM.__init__).parameters.items()}
 
 
 class CLIError(Exception):
     """A user error the CLI reports as one line (no traceback)."""
-
-
-class LRMonitor(LearningRateMonitor):
-    """LearningRateMonitor that stays silent (instead of failing) when the Trainer has no logger."""
-
-    def on_train_start(self, trainer, *args, **kwargs) -> None:
-        self._silent = not trainer.loggers
-        if not self._silent:
-            super().on_train_start(trainer, *args, **kwargs)
-
-    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
-        if not getattr(self, "_silent", True):
-            super().on_train_batch_start(trainer, *args, **kwargs)
-
-    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
-        if not getattr(self, "_silent", True):
-            super().on_train_epoch_start(trainer, *args, **kwargs)
-
-
-def read_checkpoint(path: str | os.PathLike, setting: str = "ckpt_path") -> dict:
-    """Load a LongNetLM checkpoint on the CPU (memory-mapped); CLIError if it is not one."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CLIError(f"{setting}={str(path)!r} does not exist (cwd: {os.getcwd()}); give the path of a .ckpt file")
-    if not p.is_file():
-        raise CLIError(f"{setting}={str(path)!r} is a directory; give the path of a .ckpt file inside it")
-    ckpt = None
-    for kw in ({"mmap": True}, {}):
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True, **kw)
-            break
-        except Exception as e:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
-            err = e
-    if ckpt is None:
-        if not zipfile.is_zipfile(p):
-            reason = "the file is not a torch.save archive"
-        else:
-            reason = f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:200]
-        raise CLIError(f"{setting}={str(path)!r} is not a readable PyTorch checkpoint ({reason})")
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
-        raise CLIError(f"{setting}={str(path)!r} is not a Lightning checkpoint (no state_dict / version keys)")
-    if CHECKPOINT_MARK not in ckpt:
-        raise CLIError(
-            f"{setting}={str(path)!r} is a Lightning checkpoint but not one of a LongNetLM "
-            "(it was not saved by longnet_lightning); train with `python -m longnet_lightning fit`"
-        )
-    return ckpt
 
 
 class LongNetCLI(LightningCLI):
@@ -170,11 +123,11 @@ class LongNetCLI(LightningCLI):
         """The data module's vocab_size; a checkpoint's when the data has none; an error if they differ."""
         vocab = getattr(data, "vocab_size", None)
         saved = (self._ckpt_hparams or {}).get("vocab_size")
-        if vocab is not None and saved is not None and int(vocab) != int(saved):
-            raise CLIError(
-                f"the data's vocab_size={vocab} differs from the checkpoint's vocab_size={saved}; "
-                "use the tokenizer the checkpoint was trained with (data.tokenizer)"
-            )
+        if vocab is not None and saved is not None:
+            try:
+                ckpt_format.check_tokenizer(vocab, saved, "the data of ckpt_path's model")
+            except ValueError as e:
+                raise CLIError(str(e)) from None
         return saved if vocab is None else int(vocab)
 
     # ------------------------------------------------------------------ checkpoints
@@ -183,8 +136,10 @@ class LongNetCLI(LightningCLI):
         """Check ``--ckpt_path``; take the model's architecture (and class) from the checkpoint.
 
         Unlike plain LightningCLI, only the settings that define the weights
-        (:data:`ARCHITECTURE_KEYS`) come from the checkpoint; optimizer, generation and other
-        settings stay as configured, so e.g. ``predict --model.max_new_tokens 50`` works.
+        (:func:`~longnet_lightning.checkpoint.architecture_keys`) come from the checkpoint;
+        optimizer, generation and other settings stay as configured, so e.g.
+        ``predict --model.max_new_tokens 50`` works. A stored class path is used only if it is
+        inside longnet_lightning or is the ``model.class_path`` the user gave.
         """
         sub = self.config.get("subcommand")
         if not sub:
@@ -192,24 +147,27 @@ class LongNetCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path")
         if not ckpt_path or ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
             return
-        ckpt = read_checkpoint(ckpt_path)
-        hparams = dict(ckpt.get("hyper_parameters") or {})
+        model_cfg = self.config[sub].get("model")
+        named = model_cfg.get("class_path") if model_cfg is not None else None
+        try:
+            ckpt = ckpt_format.read_checkpoint(ckpt_path)
+            class_path = ckpt_format.stored_class_path(ckpt)
+            if class_path is not None:
+                ckpt_format.check_class_path(class_path, named, f"ckpt_path={str(ckpt_path)!r}")
+        except ckpt_format.CheckpointError as e:
+            raise CLIError(str(e)) from None
+        hparams = ckpt_format.hyperparameters(ckpt)
         del ckpt
-        hparams.pop("_instantiator", None)
         self._ckpt_hparams = hparams
         if not hparams:
             return
-        model_cfg = self.config[sub].get("model")
         init = model_cfg.get("init_args") if model_cfg is not None else None
         update: dict[str, Any] = {}
-        for key in ARCHITECTURE_KEYS:
-            if key not in hparams:
-                continue
+        for key in ckpt_format.architecture_keys(hparams):
             given = init.get(key) if init is not None else None
             if given is not None and given != hparams[key] and given != _LM_DEFAULTS.get(key):
                 rank_zero_warn(f"model.{key}={given!r} is ignored: the checkpoint's {key}={hparams[key]!r} is used")
             update[key] = hparams[key]
-        class_path = hparams.get("_class_path")
         model_update: dict[str, Any] = {"init_args": update}
         if class_path is not None:
             model_update["class_path"] = class_path
@@ -221,15 +179,33 @@ class LongNetCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":  # prompts in, text out
-            parser.set_defaults({"data": {"class_path": "longnet_lightning.lm.PromptDataModule"}})
+            parser.set_defaults({"data": {"class_path": "longnet_lightning.data.PromptDataModule"}})
         return parser
 
     # ------------------------------------------------------------------ trainer
 
     def instantiate_trainer(self, **kwargs: Any):
+        """The Trainer, with every file of the run under its root (never the working directory).
+
+        ``fit`` keeps Lightning's default root (``trainer.default_root_dir``, else the working
+        directory). ``validate``/``test``/``predict`` without ``default_root_dir`` use the run
+        root of ``--ckpt_path`` (:func:`run_root`); with neither, they write no file at all (no
+        logger, no saved config), and say so.
+        """
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        root = trainer_cfg.get("default_root_dir")
+        if root is None and self.subcommand != "fit":
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            root = run_root(ckpt_path) if ckpt_path and os.path.isfile(str(ckpt_path)) else None
+            if root is None:
+                kwargs["logger"] = False
+                self.save_config_callback = None
+                rank_zero_info(f"{self.subcommand}: no trainer.default_root_dir and no --ckpt_path, so no logs or "
+                               "config are written; set --trainer.default_root_dir to keep them")
+            else:
+                kwargs["default_root_dir"] = root
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(trainer_cfg.get("default_root_dir"))
+            kwargs["logger"] = default_loggers(root)
         return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -241,6 +217,17 @@ class LongNetCLI(LightningCLI):
             if os.environ.get(DEBUG_ENV):
                 raise
             raise CLIError(f"{e}  (set {DEBUG_ENV}=1 for the traceback)") from e
+
+
+def run_root(ckpt_path: str | os.PathLike) -> str:
+    """The root of the run that saved ``ckpt_path``: ``<root>/lightning_logs/version_N/checkpoints/x.ckpt``
+    gives ``<root>``; a checkpoint elsewhere gives its own folder."""
+    folder = Path(ckpt_path).expanduser().resolve().parent
+    if folder.name == "checkpoints":
+        folder = folder.parent
+        if folder.name.startswith("version_") and folder.parent.name == "lightning_logs":
+            folder = folder.parent.parent
+    return str(folder)
 
 
 def default_loggers(root_dir: str | os.PathLike | None = None) -> list:
@@ -271,4 +258,4 @@ def cli_main(args: list[str] | dict | None = None, **kwargs: Any) -> LongNetCLI:
         raise SystemExit(2) from None
 
 
-__all__ = ["CLIError", "LRMonitor", "LongNetCLI", "cli_main", "default_loggers", "read_checkpoint"]
+__all__ = ["CLIError", "LongNetCLI", "cli_main", "default_loggers", "run_root"]

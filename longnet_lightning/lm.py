@@ -1,103 +1,28 @@
-"""LongNetLM: the LongNet language model as a LightningModule, plus its metrics and predict data.
+"""LongNetLM: the LongNet language model as a LightningModule (training, evaluation, generation).
 
-- :class:`LongNetLM` trains, evaluates and samples a :class:`~longnet_lightning.model.LongNet`.
-  Every constructor argument is typed and documented so ``LightningCLI`` can expose it.
-- :class:`TokenNLL`, :class:`TokenPerplexity`, :class:`BitsPerByte`: torchmetrics ``Metric`` s
-  that sum per-token NLL (float64), scored-token counts and byte counts over batches and devices.
-- :class:`PromptDataModule` and :class:`PredictionWriter`: prompts in, generated text out.
-
-Batches are ``{"input_ids": LongTensor[B, T], "labels": LongTensor[B, T]}`` with ``-100`` marking
-targets that are not scored (the contract of :class:`~longnet_lightning.data.LongTextDataModule`).
+Every constructor argument is typed and documented so ``LightningCLI`` can expose it. Batches are
+``{"input_ids": LongTensor[B, T], "labels": LongTensor[B, T]}`` with ``IGNORE_INDEX`` (-100)
+marking targets that are not scored (the contract of
+:class:`~longnet_lightning.data.LongTextDataModule`). Its neighbours: the metrics in
+:mod:`.metrics`, the optimizer pieces in :mod:`.optim`, the checkpoint format in :mod:`.checkpoint`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
-from torch.utils.data import DataLoader
-from torchmetrics import Metric
 
-from .model import PRESETS, LongNet, LongNetConfig
-
-IGNORE_INDEX = -100
-CHECKPOINT_MARK = "longnet_lightning"  # key every LongNetLM checkpoint carries
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-class _ScoredTokens(Metric):
-    """Sums over scored targets (``labels != -100``): NLL in nats (float64), tokens, and bytes.
-
-    ``update(nll, labels)`` takes the per-token NLL ``[B, T]`` of the model's
-    ``loss(..., reduction="none")`` and the labels ``[B, T]``; only the sums are kept, so no
-    ``[tokens, vocab]`` tensor is ever needed. All states reduce with ``sum`` across devices.
-    """
-
-    full_state_update = False
-    higher_is_better = False
-    is_differentiable = False
-
-    def __init__(self, token_bytes: torch.Tensor | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("nll_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("bytes", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        if token_bytes is not None:
-            token_bytes = torch.as_tensor(token_bytes, dtype=torch.int64)
-        self.register_buffer("token_bytes", token_bytes, persistent=False)
-
-    def update(self, nll: torch.Tensor, labels: torch.Tensor) -> None:
-        if nll.shape != labels.shape:
-            raise ValueError(f"nll {tuple(nll.shape)} and labels {tuple(labels.shape)} must have the same shape")
-        scored = labels != IGNORE_INDEX
-        self.nll_sum += nll.detach()[scored].sum(dtype=torch.float64)
-        self.tokens += scored.sum()
-        if self.token_bytes is not None:
-            self.bytes += self.token_bytes[labels[scored]].sum()
-
-    def _mean_nll(self) -> torch.Tensor:
-        return self.nll_sum / self.tokens.clamp(min=1)
-
-
-class TokenNLL(_ScoredTokens):
-    """Mean negative log-likelihood (nats per scored token): ``ΣNLL / Σtokens``."""
-
-    def compute(self) -> torch.Tensor:
-        return self._mean_nll()
-
-
-class TokenPerplexity(_ScoredTokens):
-    """Perplexity: ``exp(ΣNLL / Σtokens)`` over exactly the scored tokens."""
-
-    def compute(self) -> torch.Tensor:
-        return torch.exp(self._mean_nll())
-
-
-class BitsPerByte(_ScoredTokens):
-    """Bits per UTF-8 byte: ``ΣNLL / ln 2 / Σbytes(labels)``; ``token_bytes[V]`` maps ids to bytes.
-
-    Tokens worth 0 bytes (EOS, special tokens) add their NLL but no bytes, so the cost of
-    predicting document ends is charged to the text, as in the usual definition.
-    """
-
-    def __init__(self, token_bytes: torch.Tensor, **kwargs):
-        if token_bytes is None:
-            raise ValueError("BitsPerByte needs the tokenizer's token_bytes table (bytes per token id)")
-        super().__init__(token_bytes, **kwargs)
-
-    def compute(self) -> torch.Tensor:
-        return self.nll_sum / math.log(2) / self.bytes.clamp(min=1)
+from . import checkpoint as ckpt_format
+from .metrics import BitsPerByte, TokenNLL, TokenPerplexity
+from .model import IGNORE_INDEX, PRESETS, LongNet, LongNetConfig
+from .optim import lr_factor, weight_decay_groups
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -142,10 +67,12 @@ class LongNetLM(L.LightningModule):
     Args:
         model: size preset from ``longnet_lightning.PRESETS``: "tiny", "small", "125M", "350M",
             "760M" or "2.7B".
-        vocab_size: vocabulary size. The CLI links it from the data module's ``vocab_size``; None
-            means "take it from ``trainer.datamodule.vocab_size`` when the Trainer starts".
-        seq_len: training sequence length (the CLI links it from the data). Generation keeps at
-            most this many tokens of context (None: no limit).
+        vocab_size: vocabulary size; seq_len: training sequence length (generation keeps at most
+            this many tokens of context; None: no limit). Both arrive by one route, as
+            hyperparameters: the CLI links them from the data module's ``vocab_size`` /
+            ``seq_len``; left None, :meth:`configure_model` reads them from
+            ``trainer.datamodule`` and stores them in the hyperparameters, so a checkpoint
+            rebuilds the same model (``load_from_checkpoint``) with no other input.
         attention: "dilated" (LongNet) or "dense" (the same model as a plain Transformer
             baseline). None keeps the preset's ("dilated").
         pattern: attention pattern name from ``longnet_lightning.PATTERNS`` ("paper", "paper-8k",
@@ -224,14 +151,13 @@ class LongNetLM(L.LightningModule):
             )
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas={betas} must be two numbers in [0, 1)")
-        self.model: LongNet | None = None
+        self.model_config(vocab_size=vocab_size or 2)  # check the settings now; the model is built later
+        self.model: LongNet | None = None  # built by configure_model, the one hook that builds it
         self.tokenizer_spec: dict | None = None  # the data's tokenizer; restored from checkpoints
         self.tokens_seen = 0
         self._tokenizer = None
         self._loss_fn = None
         self._bpb_note_shown = False
-        if vocab_size is not None:
-            self.model = LongNet(self.model_config())
         self.val_nll, self.val_ppl = TokenNLL(), TokenPerplexity()
         self.test_nll, self.test_ppl = TokenNLL(), TokenPerplexity()
         self.val_bpb: BitsPerByte | None = None
@@ -240,35 +166,28 @@ class LongNetLM(L.LightningModule):
     # ------------------------------------------------------------------ building
 
     def model_config(self, vocab_size: int | None = None) -> LongNetConfig:
-        """The ``LongNetConfig`` these hyperparameters describe."""
-        hp = self.hparams
-        vocab_size = vocab_size or hp.vocab_size
-        if vocab_size is None:
-            raise ValueError(
-                "vocab_size is unknown: the CLI links it from the data module's `vocab_size`; "
-                "without the CLI pass LongNetLM(vocab_size=...) or a datamodule with a `vocab_size` attribute"
-            )
-        kw: dict[str, Any] = dict(hp.overrides or {})
-        for name in ("attention", "pattern", "segment_lengths", "dilation_rates", "position",
-                     "activation_checkpointing", "attn_backend", "dropout"):
-            if hp[name] is not None:
-                if name in kw:
-                    raise ValueError(f"{name} is given both directly and in overrides; keep one")
-                kw[name] = hp[name]
-        if "vocab_size" in kw:
-            raise ValueError("put vocab_size in LongNetLM(vocab_size=...), not in overrides")
-        return LongNetConfig.from_name(hp.model, vocab_size=vocab_size, **kw)
+        """The ``LongNetConfig`` these hyperparameters describe (see :func:`.checkpoint.config_from_settings`)."""
+        hp = dict(self.hparams)
+        name, saved_vocab = hp.pop("model"), hp.pop("vocab_size", None)
+        return ckpt_format.config_from_settings(name, vocab_size or saved_vocab, **hp)
+
+    def _sizes_from_data(self) -> None:
+        """Fill the ``vocab_size`` / ``seq_len`` hyperparameters left None from ``trainer.datamodule``."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        for name in ("vocab_size", "seq_len"):
+            value = getattr(dm, name, None)
+            if self.hparams.get(name) is None and value is not None:
+                self.hparams[name] = int(value)  # saved, so load_from_checkpoint rebuilds the same model
 
     def configure_model(self) -> None:
-        """Build the model now if vocab_size was left to the data module; compile if asked."""
+        """Build the LongNet (the only place it is built) and compile its loss if asked.
+
+        Lightning calls this hook in ``fit``/``validate``/``test``/``predict`` and in
+        ``load_from_checkpoint``, inside the strategy's context (so a sharding strategy can wrap
+        the creation); direct use builds it on first need.
+        """
         if self.model is None:
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            vocab = getattr(dm, "vocab_size", None)
-            if vocab is None:
-                self.model_config()  # raises the vocab_size error
-            self.hparams["vocab_size"] = int(vocab)  # saved, so load_from_checkpoint rebuilds it
-            if self.hparams.seq_len is None and getattr(dm, "seq_len", None) is not None:
-                self.hparams["seq_len"] = int(dm.seq_len)
+            self._sizes_from_data()
             self.model = LongNet(self.model_config())
         if self.hparams.compile and self._loss_fn is None:
             self._loss_fn = torch.compile(self.model.loss)
@@ -279,6 +198,8 @@ class LongNetLM(L.LightningModule):
         return self.model.config
 
     def _require_model(self) -> None:
+        if self.model is None and (self.hparams.vocab_size is not None or self._trainer is not None):
+            self.configure_model()
         if self.model is None:
             raise RuntimeError(
                 "the model is not built yet: vocab_size was None, so it is built when a Trainer starts "
@@ -302,7 +223,7 @@ class LongNetLM(L.LightningModule):
         return self.model(idx)
 
     def token_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-token NLL ``[B, T]`` (0 where ``labels == -100``), chunked over the LM head."""
+        """Per-token NLL ``[B, T]`` (0 where ``labels == IGNORE_INDEX``), chunked over the LM head."""
         self._require_model()
         x, y = batch["input_ids"], batch["labels"]
         fn = self._loss_fn or self.model.loss
@@ -310,27 +231,34 @@ class LongNetLM(L.LightningModule):
 
     # ------------------------------------------------------------------ data-dependent state
 
+    def _adopt_tokenizer(self, spec: dict | None, source: str, tokenizer: Any = None) -> None:
+        """The one tokenizer check: the data's and the checkpoint's tokenizers must agree.
+
+        ``spec``: the tokenizer met now (from the data, or from a checkpoint being restored);
+        prediction may use another tokenizer than training (prompts are only text).
+        """
+        if spec is None:
+            return
+        predicting = self._trainer is not None and self.trainer.predicting
+        if self.tokenizer_spec is not None and spec != self.tokenizer_spec and not predicting:
+            raise ValueError(
+                f"the {source}'s tokenizer differs from the one this model was trained with; use the "
+                "checkpoint's tokenizer for the data (data.tokenizer; LongNetLM.tokenizer_spec holds it)"
+            )
+        if spec != self.tokenizer_spec:
+            self.tokenizer_spec, self._tokenizer = spec, tokenizer
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         tok = _data_tokenizer(dm)
-        if tok is not None:
-            spec = tok.spec()
-            if self.tokenizer_spec is not None and spec != self.tokenizer_spec and stage != "predict":
-                raise ValueError(
-                    "the data's tokenizer differs from the one this model was trained with; "
-                    "use the model's tokenizer for the data (see LongNetLM.tokenizer_spec)"
-                )
-            if self.tokenizer_spec is None:
-                self.tokenizer_spec, self._tokenizer = spec, tok
+        if tok is not None and (self.tokenizer_spec is None or stage != "predict"):
+            self._adopt_tokenizer(tok.spec(), "data", tok)
         if stage in ("fit", "validate", "test"):
             table = _token_bytes_of(dm, tok)
             if table is not None:
-                vocab = self.hparams.vocab_size or getattr(dm, "vocab_size", None)
-                if vocab is not None and table.numel() != vocab:
-                    raise ValueError(
-                        f"the data's token_bytes table has {table.numel()} entries but vocab_size={vocab}; "
-                        "the tokenizer and the model disagree"
-                    )
+                self._sizes_from_data()  # the model itself is built later, in configure_model
+                if self.hparams.vocab_size is not None:
+                    ckpt_format.check_tokenizer(table.numel(), self.hparams.vocab_size, "the data")
                 self.val_bpb, self.test_bpb = BitsPerByte(table), BitsPerByte(table)
             elif not self._bpb_note_shown:
                 self._bpb_note_shown = True
@@ -340,7 +268,8 @@ class LongNetLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         version = getattr(sys.modules.get(__package__), "__version__", "unknown")
-        checkpoint[CHECKPOINT_MARK] = {"version": version}
+        self._require_model()
+        ckpt_format.mark(checkpoint, self.model.config, version)
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and "_class_path" in hparams:  # the defining module, not a re-export
             hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
@@ -374,22 +303,16 @@ class LongNetLM(L.LightningModule):
             return  # a Lightning version with another loop layout: leave it alone
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        spec = checkpoint.get("tokenizer_spec")
-        if spec is not None:
-            if self.tokenizer_spec is not None and spec != self.tokenizer_spec and self._trainer is not None \
-                    and not self.trainer.predicting:
-                raise ValueError(
-                    "this checkpoint was trained with a different tokenizer than the data's; "
-                    "set the data's tokenizer to the checkpoint's (LongNetLM.tokenizer_spec holds it)"
-                )
-            if spec != self.tokenizer_spec:
-                self.tokenizer_spec, self._tokenizer = spec, None
+        self._adopt_tokenizer(checkpoint.get("tokenizer_spec"), "checkpoint")
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
-        if self.model is None:  # load_from_checkpoint of a model whose vocab came from the data
-            vocab = checkpoint.get("hyper_parameters", {}).get("vocab_size")
-            if vocab is not None:
-                self.hparams["vocab_size"] = int(vocab)
-                self.model = LongNet(self.model_config())
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint``, after :func:`.checkpoint.verify_archive` refused
+        a truncated or damaged file (for a path; file objects are passed on unchecked)."""
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            ckpt_format.verify_archive(checkpoint_path, "checkpoint_path")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ steps
 
@@ -424,33 +347,15 @@ class LongNetLM(L.LightningModule):
     # ------------------------------------------------------------------ optimizer
 
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: weight matrices of linear layers decay; biases, norms, embeddings do not."""
-        no_decay: set[int] = set()
-        for module in self.modules():
-            if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
-                no_decay.update(id(p) for p in module.parameters(recurse=False))
-        decay, keep = [], []
-        for p in self.parameters():  # tied weights appear once
-            if not p.requires_grad:
-                continue
-            (keep if p.ndim < 2 or id(p) in no_decay else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": keep, "weight_decay": 0.0},
-        ]
+        """AdamW groups (:func:`.optim.weight_decay_groups`): only linear weight matrices decay."""
+        self._require_model()
+        return weight_decay_groups(self, self.hparams.weight_decay)
 
-    def lr_lambda(self, decay_steps: int):
-        """Multiplier of ``lr`` at optimizer step s: linear warm-up, then polynomial decay to min_lr."""
+    def lr_schedule(self, decay_steps: int):
+        """``step -> multiplier of lr``: :func:`.optim.lr_factor` with these hyperparameters."""
         hp = self.hparams
-        warmup, floor = hp.warmup_steps, hp.min_lr / hp.lr
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
-            return floor + (1.0 - floor) * (1.0 - progress) ** hp.decay_power
-
-        return factor
+        return partial(lr_factor, warmup_steps=hp.warmup_steps, decay_steps=decay_steps,
+                       min_ratio=hp.min_lr / hp.lr, power=hp.decay_power)
 
     def total_decay_steps(self) -> int:
         """``decay_steps``, else the Trainer's max_steps / estimated total optimizer steps."""
@@ -477,7 +382,7 @@ class LongNetLM(L.LightningModule):
         hp = self.hparams
         # not fused=True: Lightning refuses gradient clipping (the recipes clip at 2.0) with fused optimizers
         opt = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda(self.total_decay_steps()))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule(self.total_decay_steps()))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # ------------------------------------------------------------------ generation
@@ -540,109 +445,4 @@ class LongNetLM(L.LightningModule):
         return completions
 
 
-# ----------------------------------------------------------------------------- predict data
-
-
-class _Prompts(torch.utils.data.Dataset):
-    def __init__(self, prompts: list[str]):
-        self.prompts = prompts
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"index": i, "prompt": self.prompts[i]}
-
-
-def _list_collate(items: list[dict]) -> list[dict]:
-    return list(items)
-
-
-class PromptDataModule(L.LightningDataModule):
-    """Prompts for ``predict``: given inline, or read from a file.
-
-    Args:
-        prompts: prompt strings (an empty string samples from the start of a document).
-        prompt_file: a text file with one prompt per line, or a ``.jsonl`` file of
-            ``{"prompt": ...}`` records (use this for prompts containing newlines).
-        batch_size: prompts per predict batch.
-        tokenizer: only needed without ``--ckpt_path``: "byte" or a tokenizer.json path for the
-            model's vocabulary (a checkpoint brings its own tokenizer, which then wins).
-    """
-
-    def __init__(self, prompts: list[str] | None = None, prompt_file: str | None = None,
-                 batch_size: int = 1, tokenizer: str | None = None):
-        super().__init__()
-        _positive_int("batch_size", batch_size)
-        if prompts is None and prompt_file is None:
-            raise ValueError("give data.prompts (a list of strings) or data.prompt_file (a text or .jsonl file)")
-        self.prompts_given, self.prompt_file, self.batch_size = prompts, prompt_file, batch_size
-        self.tokenizer_name = tokenizer
-        self._tok = None
-
-    @property
-    def tokenizer(self):
-        if self.tokenizer_name is None:
-            return None
-        if self._tok is None:
-            from .data.tokenizers import build_tokenizer
-
-            self._tok = build_tokenizer(self.tokenizer_name)
-        return self._tok
-
-    @property
-    def vocab_size(self) -> int | None:
-        """The tokenizer's vocabulary (None: the checkpoint's is used)."""
-        return None if self.tokenizer is None else self.tokenizer.vocab_size
-
-    def read_prompts(self) -> list[str]:
-        prompts = list(self.prompts_given or [])
-        if self.prompt_file is not None:
-            path = Path(self.prompt_file).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"data.prompt_file={self.prompt_file!r} does not exist (cwd: {os.getcwd()})")
-            lines = path.read_text(encoding="utf-8").splitlines()
-            if path.suffix.lower() == ".jsonl":
-                for n, line in enumerate(lines, 1):
-                    if line.strip():
-                        rec = json.loads(line)
-                        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                            raise ValueError(f"{path}:{n}: expected a JSON object with a string field 'prompt'")
-                        prompts.append(rec["prompt"])
-            else:
-                prompts.extend(lines)
-        if not prompts:
-            raise ValueError("no prompts: data.prompts is empty and data.prompt_file has no lines")
-        return prompts
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(_Prompts(self.read_prompts()), batch_size=self.batch_size, collate_fn=_list_collate)
-
-
-class PredictionWriter(BasePredictionWriter):
-    """Writes each completion to stdout and/or appends it as JSON Lines to ``output``.
-
-    Args:
-        output: a ``.jsonl`` file to write ``{"index", "prompt", "completion"}`` records to
-            (replaced at the start of each predict run); None writes no file.
-        stdout: also print ``prompt + completion`` to standard output.
-    """
-
-    def __init__(self, output: str | None = None, stdout: bool = True):
-        super().__init__(write_interval="batch")
-        self.output, self.stdout = output, stdout
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        if self.output and trainer.is_global_zero:
-            path = Path(self.output).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        for rec in prediction:
-            if self.stdout:
-                sys.stdout.write(f"=== prompt {rec['index']} ===\n{rec['prompt']}{rec['completion']}\n")
-                sys.stdout.flush()
-            if self.output:
-                with open(Path(self.output).expanduser(), "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+__all__ = ["LongNetLM"]

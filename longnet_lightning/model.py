@@ -20,6 +20,8 @@ from .attention.kernels import BACKENDS
 from .attention.multihead import LayerNorm, MultiheadDilatedAttention
 from .attention.settings import AttentionSettings
 
+IGNORE_INDEX = -100  # a label that is not scored (the loss, the metrics, the windows and evaluation)
+
 # Attention patterns (segment_lengths, dilation_rates).
 PATTERNS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "paper": ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)),  # LongNet Sec. 4.1
@@ -120,7 +122,7 @@ class LongNetConfig:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward): matmuls ``6 * params``
-        (non-embedding, plus the LM head) and attention as SPEC.md counts it (backward 2.5x)."""
+        (non-embedding, plus the LM head) and attention as docs/semantics.md counts it (backward 2.5x)."""
         matmul = 6 * (self.num_params(embeddings=False) + self.vocab_size * self.n_embd)
         if self.attention == "dense":
             attn_fwd = 2.0 * seq_len * self.n_embd  # causal 2*N^2*H*D over N tokens
@@ -232,7 +234,7 @@ class LongNet(nn.Module):
     def loss(self, idx: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", group=None):
         """Next-token cross-entropy, computed ``loss_chunk_size`` tokens at a time.
 
-        ``labels`` ``[B, N]`` (``-100`` = not scored). ``reduction``: ``"mean"`` over scored
+        ``labels`` ``[B, N]`` (``IGNORE_INDEX`` = -100: not scored). ``reduction``: ``"mean"`` over scored
         tokens, ``"sum"``, or ``"none"`` (``[B, N]`` NLL, 0 where not scored). Logits are never
         materialised for more than one chunk, in the forward or the backward. With ``group``
         (see :meth:`hidden_states`) it is this rank's chunk's loss: sum it over the group.
@@ -246,7 +248,7 @@ class LongNet(nn.Module):
         total = nll.sum()
         if reduction == "sum":
             return total
-        return total / (labels != -100).sum().clamp(min=1)
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -289,7 +291,7 @@ def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> to
     logits = F.linear(h, weight)  # [T, V]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:

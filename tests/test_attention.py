@@ -1,4 +1,4 @@
-"""Every dilated-attention backend that runs here equals the dense reference of SPEC.md."""
+"""Every dilated-attention backend that runs here equals the dense reference of docs/semantics.md."""
 import contextlib
 import math
 import warnings

@@ -79,7 +79,7 @@ def test_fit_validate_test_predict(tmp_path, tiny_corpus, cache_dir, capsys):
     assert float(m["val/ppl"]) == pytest.approx(math.exp(total / count), rel=1e-5)
     assert float(m["val/bpb"]) == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
 
-    with pytest.raises(CLIError, match="vocab_size=300 differs from the checkpoint's vocab_size=257"):
+    with pytest.raises(CLIError, match="tokenizer has vocab_size=300 but the model vocab_size=257"):
         run("validate", root, tiny_corpus, cache_dir, "--data.tokenizer", "bpe", "--data.bpe_vocab_size", "300",
             "--ckpt_path", str(last))
 
@@ -122,7 +122,7 @@ def _foreign_checkpoint(path):
     "make, needle",
     [
         (None, "does not exist"),
-        (lambda p: p.write_text("not a checkpoint"), "is not a readable PyTorch checkpoint"),
+        (lambda p: p.write_text("not a checkpoint"), "is not a PyTorch checkpoint"),
         (lambda p: torch.save({"weights": torch.ones(2)}, p), "is not a Lightning checkpoint"),
         (_foreign_checkpoint, "not one of a LongNetLM"),
     ],
@@ -155,24 +155,12 @@ def test_warmup_longer_than_training_is_named(tmp_path, tiny_corpus, cache_dir):
 
 def test_evaluate_is_dispatched(monkeypatch):
     seen = {}
-    fake = types.ModuleType("longnet_lightning.evaluate")
+    fake = types.ModuleType(entry.EVALUATE_MODULE)
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "longnet_lightning.evaluate", fake)
+    monkeypatch.setitem(sys.modules, entry.EVALUATE_MODULE, fake)
     entry.main(["evaluate", "--ckpt_path", "x.ckpt"])
     assert seen["argv"] == ["--ckpt_path", "x.ckpt"]
-
-
-def test_evaluate_missing_is_a_clear_error(monkeypatch, capsys):
-    real = entry.importlib.import_module
-
-    def fake_import(name, *a, **k):
-        if name == "longnet_lightning.evaluate":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(entry.importlib, "import_module", fake_import)
-    assert entry.main(["evaluate"]) == 2
-    assert "evaluate" in capsys.readouterr().err
+    assert entry.EVALUATE_MODULE == "longnet_lightning.evaluation.command"
 
 
 # ----------------------------------------------------------------------------- runs that lose nothing
@@ -203,3 +191,48 @@ def test_resumed_run_reaches_the_same_weights(tmp_path, tiny_corpus, cache_dir):
         wo = _weights(other)
         assert all(torch.equal(wa[n], wo[n]) for n in wa)
     assert c.model.tokens_seen == a.model.tokens_seen == 2 * k * 4 * 64
+
+
+# ----------------------------------------------------------------------------- the working directory stays clean
+
+
+def _snapshot(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".git" not in p.parts)
+
+
+def test_validate_and_predict_leave_the_working_directory_clean(tmp_path, tiny_corpus, cache_dir, monkeypatch):
+    """Run from a clone of the repository (or an empty folder), with no default_root_dir:
+    nothing new appears there, and `git status` stays clean; the files go to the run's root."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from test_evaluation_golden import fixed_checkpoint
+
+    run_dir = tmp_path / "runs" / "r" / "lightning_logs" / "version_0" / "checkpoints"
+    run_dir.mkdir(parents=True)
+    _, made = fixed_checkpoint(tmp_path)
+    ckpt = run_dir / "last.ckpt"
+    shutil.move(made, ckpt)
+    repo = Path(__file__).resolve().parents[1]
+    cwd = tmp_path / "clone"
+    git = shutil.which("git")
+    cloned = git is not None and subprocess.run([git, "clone", "-q", str(repo), str(cwd)],
+                                                capture_output=True).returncode == 0
+    if not cloned:
+        cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = _snapshot(cwd)
+    data = ["--data.data_path", str(tiny_corpus), "--data.cache_dir", str(cache_dir), "--data.seq_len", "64",
+            "--data.val_samples", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    LongNetCLI(args=["validate", "--ckpt_path", str(ckpt), *data])
+    for logger in ("true", "false"):  # false was the case that wrote config.yaml into the working directory
+        LongNetCLI(args=["predict", "--ckpt_path", str(ckpt), "--data.prompts", '["ab"]', "--model.max_new_tokens",
+                         "2", "--trainer.logger", logger, "--trainer.enable_progress_bar", "false"])
+    LongNetCLI(args=["validate", "--model.vocab_size", "257", *data])  # no checkpoint and no root: no file at all
+    assert _snapshot(cwd) == before
+    if cloned:
+        status = subprocess.run([git, "status", "--porcelain"], cwd=cwd, capture_output=True, text=True)
+        assert status.returncode == 0 and status.stdout == ""
+    root = tmp_path / "runs" / "r"
+    assert (root / "config.yaml").is_file() and (root / "lightning_logs" / "version_1").is_dir()

@@ -17,11 +17,11 @@ from longnet_lightning.data import (
     ShardSampler,
     SplitSpec,
     TrainWindows,
-    bits_per_byte,
     build_token_cache,
-    eval_windows,
-    label_bytes,
+    context_windows,
 )
+from longnet_lightning.data.windows import eval_rows
+from longnet_lightning.metrics import bits_per_byte, label_bytes
 
 
 def offsets_of(lengths):
@@ -31,10 +31,10 @@ def offsets_of(lengths):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 60), min_size=1, max_size=8), st.integers(1, 20))
-def test_eval_windows_score_each_target_exactly_once(lengths, T):
+def test_eval_rows_in_token_file_coordinates_score_each_target_exactly_once(lengths, T):
     offsets = offsets_of(lengths)
     scored = np.zeros(int(offsets[-1] + lengths[-1] + 1), dtype=int)
-    for start, n, masked in eval_windows(offsets, np.asarray(lengths), T):
+    for start, n, masked in eval_rows(offsets, np.asarray(lengths), T):
         assert 2 <= n <= T + 1 and 0 <= masked < n - 1
         doc = np.searchsorted(offsets, start, side="right") - 1
         assert start + n <= offsets[doc] + lengths[doc]  # never reads past its document
@@ -43,6 +43,30 @@ def test_eval_windows_score_each_target_exactly_once(lengths, T):
     for off, n in zip(offsets, lengths):
         expected[off + 1 : off + n] = 1  # every token of a document but its first is a target
     assert (scored == expected).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=6), st.integers(1, 24), st.data())
+def test_windows_score_every_target_exactly_once(lengths, c, data):
+    s = data.draw(st.integers(1, c))
+    rows = context_windows(lengths, c, s)
+    hits = [np.zeros(n, dtype=int) for n in lengths]
+    firsts = set()
+    for d, start, length, scored in rows.tolist():
+        n = lengths[d]
+        assert 1 <= scored <= length <= c and start >= 0 and start + length + 1 <= n  # reads inside its document
+        hits[d][start + length - scored + 1 : start + length + 1] += 1  # targets = token indices
+        if start == 0:
+            firsts.add(d)
+            assert scored == length  # the first window scores everything it reads
+        else:
+            assert length == c and scored <= s  # later windows: full context, at least c - s before each target
+        if n - 1 <= c:
+            assert (start, length) == (0, n - 1)  # a short document is one shorter window
+    for n, h in zip(lengths, hits):
+        expected = np.ones(n, dtype=int)
+        expected[:1] = 0  # every token but the first is a target
+        assert (h == expected).all()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`evaluate`: the window protocol, exact sums, loss by position, the written outputs, bad input."""
+"""`evaluate`: exact sums, loss by position, the written outputs, bad input (the windows: test_data_windows)."""
 from __future__ import annotations
 
 import csv
@@ -13,16 +13,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from longnet_lightning.data import LongTextDataModule, eval_windows
-from longnet_lightning.evaluate import main
+from longnet_lightning.data import LongTextDataModule
+from longnet_lightning.evaluation.command import main
 from longnet_lightning.evaluation import (
     EvaluationError,
     bucket_edges,
     context_label,
-    context_windows,
     evaluate_perplexity,
     max_context_length,
 )
@@ -46,40 +43,6 @@ def copy_text(rng: np.random.Generator, n: int) -> str:
 
 
 # ----------------------------------------------------------------------------- the window protocol
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 70), min_size=1, max_size=6), st.integers(1, 24), st.data())
-def test_windows_score_every_target_exactly_once(lengths, c, data):
-    s = data.draw(st.integers(1, c))
-    rows = context_windows(lengths, c, s)
-    hits = [np.zeros(n, dtype=int) for n in lengths]
-    firsts = set()
-    for d, start, length, scored in rows.tolist():
-        n = lengths[d]
-        assert 1 <= scored <= length <= c and start >= 0 and start + length + 1 <= n  # reads inside its document
-        hits[d][start + length - scored + 1 : start + length + 1] += 1  # targets = token indices
-        if start == 0:
-            firsts.add(d)
-            assert scored == length  # the first window scores everything it reads
-        else:
-            assert length == c and scored <= s  # later windows: full context, at least c - s before each target
-        if n - 1 <= c:
-            assert (start, length) == (0, n - 1)  # a short document is one shorter window
-    for n, h in zip(lengths, hits):
-        expected = np.ones(n, dtype=int)
-        expected[:1] = 0  # every token but the first is a target
-        assert (h == expected).all()
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, 70), min_size=1, max_size=6), st.integers(1, 24))
-def test_non_overlapping_windows_are_the_data_modules_eval_windows(lengths, c):
-    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths) + 1)[:-1]]).astype(np.int64)
-    ours = [(int(offsets[d] + start), length + 1, length - scored)
-            for d, start, length, scored in context_windows(lengths, c).tolist()]
-    theirs = [tuple(r) for r in eval_windows(offsets, np.asarray(lengths), c).tolist()]
-    assert ours == theirs
 
 
 def test_bucket_edges_are_log_spaced_and_end_at_the_context():
@@ -131,7 +94,7 @@ def test_evaluate_perplexity_input_errors(tiny_net):
     docs = [np.arange(50) % 257]
     with pytest.raises(EvaluationError, match="stride 9 must be between 1 and the context length 8"):
         evaluate_perplexity(tiny_net, docs, 8, 9, progress=False)
-    with pytest.raises(EvaluationError, match="token_bytes has 3 entries"):
+    with pytest.raises(EvaluationError, match="token_bytes: the tokenizer has vocab_size=3 but the model vocab_size=257"):
         evaluate_perplexity(tiny_net, docs, 8, token_bytes=[1, 1, 1], progress=False)
     dense = LongNet(LongNetConfig(attention="dense"))
     assert max_context_length(dense)[0] == 70001 and max_context_length(tiny_net)[0] is None
@@ -248,7 +211,7 @@ def test_cli_jsonl_data_stride_and_max_tokens_are_reported(copy_setup, capsys, t
     data = tmp_path / "held_out.jsonl"
     data.write_text("\n".join(json.dumps({"body": copy_text(rng, n)}) for n in (300, 200, 40, 500)) + "\n")
     out = tmp_path / "eval"
-    code, stdout, stderr = run_cli(capsys, "--ckpt_path", copy_setup["longnet"], "--names", "mine", "--data", data,
+    code, stdout, stderr = run_cli(capsys, "--ckpt_path", copy_setup["longnet"], "--names", "mine", "--data_path", data,
                                    "--text_field", "body", "--context_lengths", 32, 128, "--stride", 16,
                                    "--max_tokens", 700, "--out_dir", out, "--cache_dir", copy_setup["cache"])
     assert code == 0, stderr
@@ -279,8 +242,8 @@ def test_bad_checkpoints_are_one_line_errors(copy_setup, capsys, tmp_path):
     text.write_text("hello " * 100)
     foreign = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "pytorch-lightning_version": "2.6.0"}, foreign)
-    common = ("--data", text, "--context_lengths", 16, "--out_dir", tmp_path / "o", "--cache_dir", copy_setup["cache"])
-    assert "is not a readable PyTorch checkpoint" in error_of(capsys, "--ckpt_path", text, *common)
+    common = ("--data_path", text, "--context_lengths", 16, "--out_dir", tmp_path / "o", "--cache_dir", copy_setup["cache"])
+    assert "is not a PyTorch checkpoint" in error_of(capsys, "--ckpt_path", text, *common)
     assert "does not exist" in error_of(capsys, "--ckpt_path", tmp_path / "missing.ckpt", *common)
     assert "not one of a LongNetLM" in error_of(capsys, "--ckpt_path", foreign, *common)
     raw = torch.load(copy_setup["longnet"], map_location="cpu", weights_only=True)
@@ -295,7 +258,7 @@ def test_bad_checkpoints_are_one_line_errors(copy_setup, capsys, tmp_path):
 def test_bad_lengths_and_short_text_are_one_line_errors(copy_setup, capsys, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("x" * 50)  # 50 tokens: no window of 64 fits
-    base = ("--data", short, "--out_dir", tmp_path / "o", "--cache_dir", copy_setup["cache"])
+    base = ("--data_path", short, "--out_dir", tmp_path / "o", "--cache_dir", copy_setup["cache"])
     msg = error_of(capsys, "--ckpt_path", copy_setup["longnet"], "--context_lengths", 64, 256, *base)
     assert "shorter than the shortest context length 64" in msg and "at most 49" in msg
     msg = error_of(capsys, "--ckpt_path", copy_setup["dense"], "--context_lengths", 16, 100000, *base)
@@ -314,7 +277,7 @@ def test_module_entry_point_reports_bad_input_without_traceback(tmp_path):
     bogus = tmp_path / "model.ckpt"
     bogus.write_bytes(b"\x00not a checkpoint")
     proc = subprocess.run([sys.executable, "-m", "longnet_lightning", "evaluate", "--ckpt_path", str(bogus),
-                           "--data", str(bogus), "--context_lengths", "8"],
+                           "--data_path", str(bogus), "--context_lengths", "8"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

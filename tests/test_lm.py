@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from longnet_lightning.data import ByteTokenizer, LongTextDataModule
-from longnet_lightning.lm import BitsPerByte, LongNetLM, TokenNLL, TokenPerplexity
+from longnet_lightning.lm import LongNetLM
+from longnet_lightning.metrics import BitsPerByte, TokenNLL, TokenPerplexity
+from longnet_lightning.optim import lr_factor
 
 
 def _lm(**kw) -> LongNetLM:
@@ -116,10 +118,21 @@ def test_weight_decay_only_on_linear_weight_matrices():
 
 def test_warmup_then_linear_decay_to_min_lr():
     lm = _lm(lr=1e-3, min_lr=1e-4, warmup_steps=10)
-    f = lm.lr_lambda(110)
+    f = lm.lr_schedule(110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_lr_factor_is_a_pure_function_of_the_step(power):
+    kw = dict(warmup_steps=4, decay_steps=20, min_ratio=0.25, power=power)
+    assert [lr_factor(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up
+    assert lr_factor(4, **kw) == 1.0 and lr_factor(20, **kw) == lr_factor(99, **kw) == 0.25
+    assert lr_factor(12, **kw) == pytest.approx(0.25 + 0.75 * 0.5**power)  # half-way through the decay
+    decay = [lr_factor(s, **kw) for s in range(4, 21)]
+    assert decay == sorted(decay, reverse=True)  # never rises after the warm-up
+    assert lr_factor(0, warmup_steps=0, decay_steps=10) == 1.0  # no warm-up: starts at the peak
 
 
 def test_paper_optimizer_defaults():
@@ -134,6 +147,7 @@ def test_paper_optimizer_defaults():
 def test_one_setting_switches_to_the_dense_baseline():
     lm = LongNetLM(model="125M", attention="dense")  # vocab unknown: nothing is built
     assert lm.model is None
+    assert _lm().model is None  # even with vocab_size: built by configure_model, the one hook
     cfg = lm.model_config(vocab_size=32768)
     assert (cfg.attention, cfg.n_layer, cfg.n_embd) == ("dense", 12, 768)
     assert LongNetLM(model="125M").model_config(vocab_size=32768).segment_lengths[-1] == 32768

@@ -1,5 +1,7 @@
-"""Every recipe and model config parses; the quickstart recipe runs with tiny overrides."""
+"""Every recipe and every size preset parses; the quickstart recipe runs with tiny overrides."""
 from __future__ import annotations
+
+import re
 
 import pytest
 import yaml
@@ -10,7 +12,8 @@ from longnet_lightning.lm import LongNetLM
 from longnet_lightning.model import PRESETS
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-MODEL_CONFIGS = sorted((REPO / "configs" / "model").glob("*.yaml"))
+# A size restated in a comment ("12 layers", "width 768", "FFN 3072", "12 heads"): sizes live in PRESETS only.
+RESTATED_SIZE = re.compile(r"#.*(\b\d+ layers\b|\bwidth \d+|\bFFN \d+|\b\d+ heads\b)")
 
 
 def parsed(capsys, *args: str) -> dict:
@@ -25,7 +28,13 @@ def parsed(capsys, *args: str) -> dict:
 def test_the_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"quickstart-cpu.yaml", "longnet-125m-32k.yaml", "dense-125m-2k.yaml", "longnet-code-64k.yaml"} <= names
-    assert {p.stem for p in MODEL_CONFIGS} >= set(PRESETS) | {f"{p}-dense" for p in PRESETS}
+    assert not (REPO / "configs").exists()  # sizes have one home: PRESETS
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_no_file_restates_a_preset_size(path):
+    hits = [line for line in path.read_text().splitlines() if RESTATED_SIZE.search(line)]
+    assert not hits, f"{path.name} restates model sizes (name the preset instead): {hits}"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -58,14 +67,16 @@ def test_recipe_settings(capsys, monkeypatch):
     assert switched["model"]["init_args"]["attention"] == "dense"
 
 
-@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.name)
-def test_model_config_parses(path, capsys):
-    init = parsed(capsys, "--model", str(path))["model"]["init_args"]
-    preset = path.stem.removesuffix("-dense")
-    assert init["model"] == preset
-    assert (init["attention"] == "dense") == path.stem.endswith("-dense")
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("attention", [None, "dense"])
+def test_every_preset_is_one_command_line_setting(preset, attention, capsys):
+    extra = () if attention is None else ("--model.attention", attention)
+    init = parsed(capsys, "--model.model", preset, *extra)["model"]["init_args"]
+    assert init["model"] == preset and init["attention"] == attention
     cfg = LongNetLM(**init).model_config(vocab_size=300)
-    assert (cfg.n_layer, cfg.n_embd) == (PRESETS[preset]["n_layer"], PRESETS[preset]["n_embd"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.ffn_dim) == tuple(
+        PRESETS[preset][k] for k in ("n_layer", "n_embd", "n_head", "ffn_dim"))
+    assert cfg.attention == (attention or "dilated")
 
 
 def test_quickstart_recipe_runs_with_tiny_overrides(tmp_path, tiny_corpus, cache_dir):

@@ -1,7 +1,8 @@
-"""Long-text data: sources, tokenizers, token caches, windows and the LongTextDataModule."""
+"""Long-text data: sources, tokenizers, token caches, windows, the LongTextDataModule and the prompts of predict."""
 
 from .cache import Corpus, SplitSpec, TokenCache, build_token_cache, cache_root, load_or_train_bpe
 from .datamodule import LongTextDataModule
+from .prompts import PromptDataModule
 from .sources import Document, read_documents, resolve_sources, stdlib_corpus_files
 from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer, load_tokenizer, train_bpe
 from .windows import (
@@ -11,9 +12,7 @@ from .windows import (
     ResumableDataLoader,
     ShardSampler,
     TrainWindows,
-    bits_per_byte,
-    eval_windows,
-    label_bytes,
+    context_windows,
 )
 
 __all__ = [
@@ -24,6 +23,7 @@ __all__ = [
     "EvalWindows",
     "HFTokenizer",
     "LongTextDataModule",
+    "PromptDataModule",
     "RandomWindowSampler",
     "ResumableDataLoader",
     "ShardSampler",
@@ -31,12 +31,10 @@ __all__ = [
     "TokenCache",
     "Tokenizer",
     "TrainWindows",
-    "bits_per_byte",
     "build_token_cache",
     "build_tokenizer",
     "cache_root",
-    "eval_windows",
-    "label_bytes",
+    "context_windows",
     "load_or_train_bpe",
     "load_tokenizer",
     "read_documents",

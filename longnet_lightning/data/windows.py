@@ -1,14 +1,27 @@
-"""Windows of ``seq_len + 1`` tokens cut from a split's token file, as map-style datasets.
+"""Windows of ``seq_len + 1`` tokens cut from a split's token file, and the evaluation protocol.
 
 A batch item is ``{"input_ids": LongTensor[T], "labels": LongTensor[T]}`` with T = seq_len,
-``labels[t] = tokens[t + 1]``, and ``-100`` for a target that is not scored.
+``labels[t] = tokens[t + 1]``, and ``IGNORE_INDEX`` (-100) for a target that is not scored.
 
 A "sequence" is one document (``pack_documents=False``) or the whole split with an EOS after
 each document (``pack_documents=True``). Training draws windows uniformly over every valid
-start of every sequence long enough. Evaluation scores every target of every sequence exactly
-once: a sequence of n tokens has n - 1 targets (all tokens but its first); windows step by T, the
-last one is right-aligned to the sequence end with already-scored labels set to -100, and a
-sequence shorter than T + 1 is right-padded (inputs EOS, labels -100).
+start of every sequence long enough (:class:`TrainWindows`). Evaluation scores every target of
+every sequence exactly once, by the one window function :func:`context_windows`, which serves
+validation/test here (:class:`EvalWindows`, stride = T, shorter windows right-padded with EOS
+inputs and -100 labels) and ``python -m longnet_lightning evaluate`` (any context and stride):
+
+- A sequence of ``n`` tokens has ``n - 1`` targets: every token but its first, each predicted
+  from the tokens before it *inside the same window* (windows never cross sequences).
+- Context ``c``, stride ``s`` (``1 <= s <= c``; ``s = c`` is non-overlapping windows). The first
+  window reads the sequence's first ``c + 1`` tokens and scores all ``c`` of its targets. Each next
+  window ends ``s`` targets later, reads the ``c`` tokens before its last target and scores only
+  its last ``s`` targets, so every such target has at least ``c - s`` tokens of context. The final
+  window is aligned to the sequence's end and scores only the targets not scored yet.
+- A sequence with ``n - 1 <= c`` targets (fewer than ``c + 1`` tokens) is one shorter window
+  scoring all its targets; the caller counts and reports such sequences.
+
+The *position* of a target is how many tokens it is predicted from: the target at window index
+``j`` (0-based, input ``x[j]``, label ``x[j + 1]``) has position ``j + 1``, from 1 to ``c``.
 """
 
 from __future__ import annotations
@@ -21,9 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..model import IGNORE_INDEX
 from .cache import SplitTokens
-
-IGNORE_INDEX = -100
 
 
 def sequences(split: SplitTokens, pack_documents: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -38,27 +50,43 @@ def valid_start_counts(lengths: np.ndarray, seq_len: int) -> np.ndarray:
     return np.maximum(np.asarray(lengths, dtype=np.int64) - seq_len, 0)
 
 
-def eval_windows(offsets: np.ndarray, lengths: np.ndarray, seq_len: int) -> np.ndarray:
-    """int64 [n_windows, 3] rows (start, n_tokens, n_masked) that score every target exactly once.
+# Columns of the window table returned by `context_windows` (below).
+DOC, START, LENGTH, SCORED = range(4)
 
-    A window reads n_tokens <= seq_len + 1 tokens at `start`; its first n_masked labels were scored
-    by the previous window and are set to -100. Sequences with fewer than 2 tokens have no target.
+
+def context_windows(lengths, context: int, stride: int | None = None) -> np.ndarray:
+    """int64 ``[n_windows, 4]`` rows ``(doc, start, length, n_scored)`` scoring each target once.
+
+    Window row: document index ``doc``; it reads tokens ``start .. start + length`` (``length + 1``
+    tokens: ``length`` inputs and their ``length`` labels) of that document and scores the last
+    ``n_scored`` of its ``length`` targets. ``lengths``: tokens per document. Documents with fewer
+    than 2 tokens have no target and no window.
     """
-    T = seq_len
+    c = int(context)
+    s = c if stride is None else int(stride)
+    if c < 1:
+        raise ValueError(f"context length {c} must be at least 1 token.")
+    if not 1 <= s <= c:
+        raise ValueError(f"stride {s} must be between 1 and the context length {c}.")
     rows = []
-    for off, n in zip(np.asarray(offsets).tolist(), np.asarray(lengths).tolist()):
-        if n < 2:
-            continue
+    for d, n in enumerate(np.asarray(lengths, dtype=np.int64).tolist()):
         targets = n - 1
-        full = targets // T
-        starts = off + T * np.arange(full, dtype=np.int64)
-        rows.append(np.stack([starts, np.full(full, T + 1), np.zeros(full, dtype=np.int64)], axis=1))
-        rest = targets - full * T
-        if rest and n >= T + 1:
-            rows.append(np.asarray([[off + n - T - 1, T + 1, T - rest]], dtype=np.int64))
-        elif rest:  # shorter than one window: read it all, pad the end
-            rows.append(np.asarray([[off, n, 0]], dtype=np.int64))
-    return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), dtype=np.int64)
+        if targets < 1:
+            continue
+        if targets <= c:  # the whole document fits in one (possibly shorter) window
+            rows.append(np.asarray([[d, 0, targets, targets]], dtype=np.int64))
+            continue
+        k = (targets - c) // s  # full strided windows after the first
+        ends = c + s * np.arange(k + 1, dtype=np.int64)  # last target of each window
+        block = np.empty((k + 1, 4), dtype=np.int64)
+        block[:, DOC], block[:, START], block[:, LENGTH] = d, ends - c, c
+        block[:, SCORED] = s
+        block[0, SCORED] = c
+        rows.append(block)
+        rest = targets - int(ends[-1])
+        if rest:  # aligned to the end of the document; scores what is left
+            rows.append(np.asarray([[d, targets - c, c, rest]], dtype=np.int64))
+    return np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
 
 
 def evenly_spaced(n: int, k: int | None) -> np.ndarray:
@@ -66,6 +94,18 @@ def evenly_spaced(n: int, k: int | None) -> np.ndarray:
     if k is None or k >= n:
         return np.arange(n, dtype=np.int64)
     return (np.arange(k, dtype=np.int64) * n) // k
+
+
+def eval_rows(offsets: np.ndarray, lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """int64 ``[n_windows, 3]`` rows ``(start, n_tokens, n_masked)`` of :func:`context_windows` with
+    stride = seq_len, in token-file coordinates: a window reads ``n_tokens <= seq_len + 1`` tokens at
+    ``start``; its first ``n_masked`` labels were scored by the previous window (set to -100)."""
+    rows = context_windows(lengths, seq_len)
+    out = np.empty((len(rows), 3), dtype=np.int64)
+    out[:, 0] = np.asarray(offsets, dtype=np.int64)[rows[:, DOC]] + rows[:, START]
+    out[:, 1] = rows[:, LENGTH] + 1
+    out[:, 2] = rows[:, LENGTH] - rows[:, SCORED]
+    return out
 
 
 class _TokenFileDataset(Dataset):
@@ -137,7 +177,7 @@ class EvalWindows(_TokenFileDataset):
         max_windows: int | None = None,
     ):
         super().__init__(split, seq_len, eos_id)
-        windows = eval_windows(*sequences(split, pack_documents), seq_len)
+        windows = eval_rows(*sequences(split, pack_documents), seq_len)
         self.total_windows = len(windows)
         self.windows = windows[evenly_spaced(len(windows), max_windows)]
 
@@ -252,14 +292,3 @@ class ResumableDataLoader(DataLoader):
         if state.get("batches") and not hasattr(self.sampler, "start_at"):
             raise ValueError(f"cannot resume mid-epoch: sampler {type(self.sampler).__name__} has no start_at().")
         self._pending = dict(state)
-
-
-def label_bytes(labels: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
-    """int64 scalar: UTF-8 bytes of the scored targets (labels != -100); labels [...], token_bytes [V]."""
-    scored = labels != IGNORE_INDEX
-    return token_bytes.to(labels.device)[labels[scored]].sum()
-
-
-def bits_per_byte(nll_sum: torch.Tensor, n_bytes: torch.Tensor) -> torch.Tensor:
-    """Σ nll (nats, over scored targets) / ln 2 / Σ bytes of those targets."""
-    return nll_sum / math.log(2) / n_bytes

@@ -12,7 +12,7 @@ Usable from Python on any tokenised documents::
 ``torch.inference_mode``, one batch of windows at a time: the per-token loss comes from
 ``LongNet.loss(..., reduction="none")``, chunked over the LM head, so no more than one chunk of
 logits exists and memory is the model's own activations for ``batch_size x context`` tokens.
-See :mod:`.windows` for which tokens each window scores.
+See :mod:`longnet_lightning.data.windows` for which tokens each window scores.
 """
 from __future__ import annotations
 
@@ -26,8 +26,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.windows import IGNORE_INDEX, label_bytes
-from .windows import DOC, LENGTH, SCORED, START, bucket_edges, bucketize, context_windows
+from ..checkpoint import check_tokenizer
+from ..data.windows import LENGTH, SCORED, context_windows
+from ..metrics import bits_per_byte, label_bytes
+from ..model import IGNORE_INDEX
+from .buckets import bucket_edges, bucketize
 
 PRECISIONS = ("auto", "32", "bf16")
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -73,10 +76,10 @@ class ContextResult:
         """``nll_sum / ln 2 / bytes``; None without a token_bytes table."""
         if not self.bytes:
             return None
-        return self.nll_sum / math.log(2) / self.bytes
+        return bits_per_byte(self.nll_sum, self.bytes)
 
     def buckets(self, edges: np.ndarray | None = None, per_octave: int = 1) -> list[dict]:
-        """Mean NLL per log-spaced position bucket (see :func:`.windows.bucketize`)."""
+        """Mean NLL per log-spaced position bucket (see :func:`.buckets.bucketize`)."""
         if edges is None:
             edges = bucket_edges(self.context_length, per_octave)
         return bucketize(self.position_nll, self.position_count, edges)
@@ -212,11 +215,11 @@ def evaluate_perplexity(
     precision = resolve_precision(precision, device)
     vocab = net.config.vocab_size
     table = None if token_bytes is None else torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64, device=device)
-    if table is not None and table.numel() != vocab:
-        raise EvaluationError(
-            f"token_bytes has {table.numel()} entries but the model's vocab_size is {vocab}: "
-            "the tokenizer is not the model's."
-        )
+    if table is not None:
+        try:
+            check_tokenizer(table.numel(), vocab, "token_bytes")
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
 
     pos_nll = torch.zeros(c, dtype=torch.float64, device=device)
     pos_cnt = torch.zeros(c, dtype=torch.int64, device=device)

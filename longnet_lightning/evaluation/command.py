@@ -1,23 +1,27 @@
 """``python -m longnet_lightning evaluate``: how well do checkpoints predict long text, by context length?
 
+The data flags carry the DataModule's names (``--data_path``, ``--seed``, ``--pack_documents``;
+the old ``--data``, ``--split_seed`` and ``--pack`` still work as aliases). This module imports
+the model and the checkpoint module only: never the CLI or the LightningModule.
+
 Example (a LongNet and its dense baseline, on the held-out test split they were trained on)::
 
     python -m longnet_lightning evaluate \\
         --ckpt_path runs/longnet/checkpoints/last.ckpt runs/dense/checkpoints/last.ckpt \\
         --names "LongNet 8K" "Transformer 2K" --context_lengths 2K 8K 32K
 
-    python -m longnet_lightning evaluate --ckpt_path model.ckpt --data book.txt papers/ more.jsonl \\
+    python -m longnet_lightning evaluate --ckpt_path model.ckpt --data_path book.txt papers/ more.jsonl \\
         --context_lengths 2048 8192 32768 --stride 1024
 
 For every checkpoint and context length: perplexity, mean NLL and bits per byte over the same
-scored tokens (protocol in :mod:`longnet_lightning.evaluation.windows`), and the mean NLL by
+scored tokens (protocol in :mod:`longnet_lightning.data.windows`), and the mean NLL by
 position in the window in log-spaced buckets. Written to ``--out_dir``: ``results.json``,
 ``table.md`` (rows: models, columns: context lengths), ``loss_by_position.csv`` and
 ``loss_by_position.png``; the tables are printed at the end.
 
-Data: ``--data`` takes files, folders (recursive), globs and JSON Lines (``--text_field``), or
+Data: ``--data_path`` takes files, folders (recursive), globs and JSON Lines (``--text_field``), or
 ``stdlib`` for the built-in corpus; each checkpoint tokenises it with its own tokenizer. Without
-``--data`` the data the first checkpoint was trained on is used (its saved data-module settings),
+``--data_path`` the data the first checkpoint was trained on is used (its saved data-module settings),
 restricted to its held-out test split. ``--split`` picks a split of any data by the data
 module's document hash. Bad input (not our checkpoint, a context length the model cannot take,
 text too short) is one ``error:`` line and exit status 2.
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import os
 import re
 import shlex
@@ -39,9 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluation.perplexity import PRECISIONS, EvaluationError, evaluate_perplexity, max_context_length
-from .evaluation.report import context_label, table, write_report
-from .evaluation.windows import bucket_edges
+from .. import checkpoint as ckpt_format
+from .buckets import bucket_edges
+from .perplexity import PRECISIONS, EvaluationError, evaluate_perplexity, max_context_length, resolve_precision
+from .report import context_label, table, write_report
 
 DEBUG_ENV = "LONGNET_DEBUG"
 SPLITS = ("all", "train", "val", "test")
@@ -99,21 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", metavar="SPEC",
                    help="only for checkpoints that store no tokenizer: 'byte' or a tokenizer.json path")
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", metavar="PATH",
+    d.add_argument("--data_path", "--data", nargs="+", metavar="PATH", dest="data_path",
                    help="files, folders (recursive), globs or .jsonl files; 'stdlib' = the built-in corpus. "
                    "Default: the data the first checkpoint was trained on, test split")
-    d.add_argument("--format", choices=("auto", "text", "jsonl"), help="how to read --data (default auto: "
+    d.add_argument("--format", choices=("auto", "text", "jsonl"), help="how to read --data_path (default auto: "
                    ".jsonl files are JSON Lines)")
     d.add_argument("--text_field", help="JSON Lines field holding the text (default text)")
     d.add_argument("--errors", choices=("strict", "replace"), help="bytes that are not UTF-8: an error "
                    "(strict, default) or U+FFFD (replace)")
     d.add_argument("--split", choices=SPLITS,
                    help="keep only the documents the data module puts in this split (by a hash of their name); "
-                   "default: test without --data, all with it")
+                   "default: test without --data_path, all with it")
     d.add_argument("--val_fraction", type=_fraction, help="split setting (default: the checkpoint's, else 0.05)")
     d.add_argument("--test_fraction", type=_fraction, help="split setting (default: the checkpoint's, else 0.05)")
-    d.add_argument("--split_seed", type=int, help="split setting (default: the checkpoint's, else 1234)")
-    d.add_argument("--pack", action="store_true",
+    d.add_argument("--seed", "--split_seed", type=int, dest="seed",
+                   help="split setting (default: the checkpoint's, else 1234)")
+    d.add_argument("--pack_documents", "--pack", action="store_true", dest="pack_documents",
                    help="join the documents, each followed by EOS, into one sequence (as packed training); "
                    "default: each document alone")
     d.add_argument("--max_tokens", type=_positive,
@@ -198,44 +203,25 @@ class Checkpoint:
 
     def build(self, device: torch.device):
         """The LongNet with the checkpoint's weights, on ``device``, in eval mode."""
-        from .model import LongNet
-
-        net = LongNet(self.config)
-        prefix = "model."
-        weights = {k[len(prefix):]: v for k, v in self.raw["state_dict"].items() if k.startswith(prefix)}
         try:
-            net.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise EvaluationError(
-                f"ckpt_path={self.path!r}: its weights do not fit the LongNet its hyperparameters describe ({first}); "
-                "a LongNetLM subclass with other modules can be evaluated from Python with "
-                "longnet_lightning.evaluation.evaluate_perplexity(model, ...)"
-            ) from None
+            net = ckpt_format.build_model(self.raw, f"ckpt_path={self.path!r}", self.config)
+        except ckpt_format.CheckpointError as e:
+            raise EvaluationError(str(e)) from None
         return net.to(device).eval()
 
 
 def read_model_checkpoint(path: str, tokenizer_override: str | None = None) -> Checkpoint:
     """Read and check a LongNetLM checkpoint without building its weights (EvaluationError if unusable)."""
-    from .cli import CLIError, read_checkpoint
-    from .data.tokenizers import build_tokenizer, load_tokenizer
-    from .lm import LongNetLM
-    from .model import LongNet
+    from ..data.tokenizers import build_tokenizer, load_tokenizer
+    from ..model import LongNet
 
+    where = f"ckpt_path={str(path)!r}"
     try:
-        raw = read_checkpoint(path)
-    except CLIError as e:
+        raw = ckpt_format.read_checkpoint(path)
+        config = ckpt_format.model_config(raw, where)
+    except ckpt_format.CheckpointError as e:
         raise EvaluationError(str(e)) from None
-    hp = {k: v for k, v in dict(raw.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    accepted = set(inspect.signature(LongNetLM.__init__).parameters) - {"self"}
-    kwargs = {k: v for k, v in hp.items() if k in accepted}
-    vocab = kwargs.pop("vocab_size", None)
-    if not vocab:
-        raise EvaluationError(f"ckpt_path={path!r} stores no vocab_size in its hyperparameters; it cannot be rebuilt.")
-    try:
-        config = LongNetLM(**kwargs).model_config(vocab_size=int(vocab))
-    except (TypeError, ValueError) as e:
-        raise EvaluationError(f"ckpt_path={path!r}: its model hyperparameters do not describe a LongNet ({e}).") from None
+    hp = ckpt_format.hyperparameters(raw)
     spec = raw.get("tokenizer_spec")
     if tokenizer_override:
         tokenizer = build_tokenizer(tokenizer_override)
@@ -243,14 +229,13 @@ def read_model_checkpoint(path: str, tokenizer_override: str | None = None) -> C
         tokenizer = load_tokenizer(spec)
     else:
         raise EvaluationError(
-            f"ckpt_path={path!r} stores no tokenizer (it was not trained on a LongTextDataModule); "
+            f"{where} stores no tokenizer (it was not trained on a LongTextDataModule); "
             "pass --tokenizer byte or --tokenizer path/to/tokenizer.json (the one it was trained with)."
         )
-    if tokenizer.vocab_size > config.vocab_size:
-        raise EvaluationError(
-            f"the tokenizer has {tokenizer.vocab_size} ids but the model of ckpt_path={path!r} only "
-            f"{config.vocab_size}: use the tokenizer the checkpoint was trained with."
-        )
+    try:
+        ckpt_format.check_tokenizer(tokenizer.vocab_size, config.vocab_size, f"the model of {where}")
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
     with torch.device("meta"):  # the limits of this architecture, without allocating its weights
         limit, why = max_context_length(LongNet(config))
     return Checkpoint(str(path), raw, hp, config, tokenizer, limit, why)
@@ -274,29 +259,29 @@ class EvalData:
 def data_source(args: argparse.Namespace, first: Checkpoint) -> dict:
     """Paths, reading settings and split to evaluate on, from the arguments or the first checkpoint."""
     saved = first.data_settings
-    if args.data is None:
+    if args.data_path is None:
         if saved is None:
             raise EvaluationError(
-                f"no --data given and ckpt_path={first.path!r} stores no data-module settings to take it from; "
-                "give --data with files, folders, globs or .jsonl files (or 'stdlib' for the built-in corpus)."
+                f"no --data_path given and ckpt_path={first.path!r} stores no data-module settings to take it from; "
+                "give --data_path with files, folders, globs or .jsonl files (or 'stdlib' for the built-in corpus)."
             )
         paths = saved.get("data_path")
         origin = "the data the first checkpoint was trained on"
         split = args.split or "test"
     else:
-        paths = None if args.data == [STDLIB] else list(args.data)
+        paths = None if args.data_path == [STDLIB] else list(args.data_path)
         origin = None
         split = args.split or "all"
-    base = saved if (saved is not None and (args.data is None or args.split)) else {}
+    base = saved if (saved is not None and (args.data_path is None or args.split)) else {}
     fractions = {
         "val_fraction": args.val_fraction if args.val_fraction is not None else base.get("val_fraction", 0.05),
         "test_fraction": args.test_fraction if args.test_fraction is not None else base.get("test_fraction", 0.05),
-        "seed": args.split_seed if args.split_seed is not None else base.get("seed", 1234),
+        "seed": args.seed if args.seed is not None else base.get("seed", 1234),
     }
-    reading = saved if args.data is None else {}
-    if args.data is not None and split == "all" and saved is not None and _same_paths(paths, saved.get("data_path")):
-        _log("note: --data is the data the first checkpoint was trained on, and --split all keeps its training "
-             "documents too; use --split test (or leave out --data) to score only its held-out documents")
+    reading = saved if args.data_path is None else {}
+    if args.data_path is not None and split == "all" and saved is not None and _same_paths(paths, saved.get("data_path")):
+        _log("note: --data_path is the data the first checkpoint was trained on, and --split all keeps its training "
+             "documents too; use --split test (or leave out --data_path) to score only its held-out documents")
     return {
         "paths": paths,
         "format": args.format or reading.get("format", "auto"),
@@ -325,8 +310,8 @@ def _describe_paths(paths) -> str:
 
 
 def load_documents(source: dict, tokenizer, pack: bool, max_tokens: int | None, cache_dir: str | None) -> EvalData:
-    """Tokenise (through the token cache) and pick the split's documents; apply --pack and --max_tokens."""
-    from .data.cache import Corpus, SplitSpec, build_token_cache
+    """Tokenise (through the token cache) and pick the split's documents; apply --pack_documents and --max_tokens."""
+    from ..data.cache import Corpus, SplitSpec, build_token_cache
 
     corpus = Corpus.from_paths(source["paths"], format=source["format"], text_field=source["text_field"],
                                errors=source["errors"])
@@ -383,7 +368,7 @@ def check_lengths(data: EvalData, contexts: list[int], pack: bool) -> None:
         if data.cap:
             fixes.append(f"raise --max_tokens (now {data.cap['max_tokens']})")
         if not pack and sum(lengths) >= shortest + 1:
-            fixes.append("or --pack to join the documents into one sequence")
+            fixes.append("or --pack_documents to join the documents into one sequence")
         raise EvaluationError(
             f"the text is shorter than the shortest context length {shortest}: the longest document has "
             f"{longest} tokens, so no window of {shortest} tokens can be filled ({data.description}); "
@@ -478,13 +463,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         fp = c.tokenizer.fingerprint()
         if fp not in data_by_tokenizer:
             try:
-                data = load_documents(source, c.tokenizer, args.pack, args.max_tokens, source["cache_dir"])
+                data = load_documents(source, c.tokenizer, args.pack_documents, args.max_tokens, source["cache_dir"])
             except EvaluationError:
                 raise
             except (FileNotFoundError, ValueError) as e:  # the data module's messages name the problem and fix
-                where = "--data" if args.data is not None else f"the training data stored in {ckpts[0].path}"
+                where = "--data_path" if args.data_path is not None else f"the training data stored in {ckpts[0].path}"
                 raise EvaluationError(f"{where}: {e}") from e
-            check_lengths(data, contexts, args.pack)
+            check_lengths(data, contexts, args.pack_documents)
             data_by_tokenizer[fp] = data
     first = data_by_tokenizer[ckpts[0].tokenizer.fingerprint()]
     _log(f"data: {first.description}")
@@ -531,9 +516,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "protocol": {
-            "description": protocol_description(args.stride, args.pack),
+            "description": protocol_description(args.stride, args.pack_documents),
             "stride": args.stride,
-            "pack_documents": args.pack,
+            "pack_documents": args.pack_documents,
             "position": "tokens of context the target is predicted from, 1..context_length",
             "bucket_upper_edges": edges.tolist(),
         },
@@ -552,8 +537,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def _precision_used(precision: str, device: torch.device) -> str:
-    from .evaluation.perplexity import resolve_precision
-
     return resolve_precision(precision, device)
 
 
