@@ -39,7 +39,7 @@ PACKAGE = "longnet_lightning"
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LongNetConfig))
 # Config fields that change how the model runs but not its weights: a checkpoint does not impose them.
-RUNTIME_FIELDS = frozenset({"activation_checkpointing", "attn_backend", "dropout", "loss_chunk_size"})
+RUNTIME_FIELDS = frozenset({"activation_checkpointing", "attn_backend", "attention_settings", "dropout", "loss_chunk_size"})
 # LongNetLM settings that are not config fields but select them.
 SELECTORS = ("model", "pattern", "overrides")
 _ZIP_LOCAL_HEADER = b"PK\x03\x04"

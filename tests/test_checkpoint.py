@@ -60,7 +60,7 @@ def test_checkpoint_carries_the_config_and_rebuilds_the_model_alone(saved):
     raw = ck.read_checkpoint(saved)
     stored = raw[ck.MARK]["config"]
     assert isinstance(stored, dict) and set(stored) == set(ck.CONFIG_FIELDS)
-    assert all(isinstance(v, (int, float, str, bool, list)) for v in stored.values())  # plain data
+    assert all(isinstance(v, (int, float, str, bool, list, dict)) for v in stored.values())  # plain data
     net = ck.load_model(saved)
     assert isinstance(net, LongNet) and not net.training
     assert net.config == LongNetConfig.from_name("tiny", vocab_size=257)
