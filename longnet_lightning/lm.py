@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import checkpoint as ckpt_format
+from .distributed.strategy import global_mean, sequence_group_of, split_batch
 from .metrics import BitsPerByte, TokenNLL, TokenPerplexity
 from .model import IGNORE_INDEX, PRESETS, LongNet, LongNetConfig
 from .optim import lr_factor, weight_decay_groups
@@ -222,12 +223,21 @@ class LongNetLM(L.LightningModule):
         self._require_model()
         return self.model(idx)
 
-    def token_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-token NLL ``[B, T]`` (0 where ``labels == IGNORE_INDEX``), chunked over the LM head."""
+    def token_nll(self, batch: dict[str, torch.Tensor], group=None) -> torch.Tensor:
+        """Per-token NLL ``[B, T]`` (0 where ``labels == IGNORE_INDEX``), chunked over the LM head.
+        With a sequence ``group``, ``batch`` is this rank's chunk of each sequence."""
         self._require_model()
         x, y = batch["input_ids"], batch["labels"]
+        if group is not None:
+            return self.model.loss(x, y, reduction="none", group=group)
         fn = self._loss_fn or self.model.loss
         return fn(x, y, reduction="none")
+
+    def _local_batch(self, batch: dict[str, torch.Tensor]):
+        """``(this rank's chunk of the batch, sequence group)``: the whole batch without
+        sequence parallelism (see :class:`~.distributed.SequenceParallelStrategy`)."""
+        group = sequence_group_of(self._trainer) if self._trainer is not None else None
+        return split_batch(batch, group), group
 
     # ------------------------------------------------------------------ data-dependent state
 
@@ -317,18 +327,21 @@ class LongNetLM(L.LightningModule):
     # ------------------------------------------------------------------ steps
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll = self.token_nll(batch)
+        """Mean NLL over every scored token of the global batch (all ranks, each token once)."""
+        batch, group = self._local_batch(batch)
+        nll = self.token_nll(batch, group)
         scored = (batch["labels"] != IGNORE_INDEX).sum()
-        loss = nll.sum() / scored.clamp(min=1)
-        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        loss, mean, tokens = global_mean(nll.sum(), scored, batch["input_ids"].numel())
+        self.tokens_seen += tokens
+        self.log("train/loss", mean, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         self.log("train/tokens", torch.tensor(float(self.tokens_seen), dtype=torch.float64),
                  on_step=True, on_epoch=False)
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
-        nll = self.token_nll(batch)
+        batch, group = self._local_batch(batch)  # metrics sum over all ranks: each token once
+        nll = self.token_nll(batch, group)
         names = [("loss", f"{prefix}_nll"), ("ppl", f"{prefix}_ppl")]
         if getattr(self, f"{prefix}_bpb") is not None:
             names.append(("bpb", f"{prefix}_bpb"))

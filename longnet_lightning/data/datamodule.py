@@ -203,21 +203,29 @@ class LongTextDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def _shard(self) -> dict:
+        """``num_replicas`` and ``rank`` of the data-parallel shard, from the trainer's strategy
+        (under sequence parallelism the ranks of one sequence group read the same windows);
+        empty without a distributed trainer (the samplers then ask torch.distributed)."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+        return {k: kwargs[k] for k in ("num_replicas", "rank")} if kwargs else {}
+
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")
-        sampler = RandomWindowSampler(ds, self.train_samples, seed=self.hparams.seed)
+        sampler = RandomWindowSampler(ds, self.train_samples, seed=self.hparams.seed, **self._shard())
         return ResumableDataLoader(ds, sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation windows; an empty list (no validation) when val_fraction is 0."""
         ds = self._dataset("val")
-        return [] if ds is None else DataLoader(ds, sampler=ShardSampler(ds), **self._loader_kwargs())
+        return [] if ds is None else DataLoader(ds, sampler=ShardSampler(ds, **self._shard()), **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
         ds = self._dataset("test")
         if ds is None:
             raise ValueError("there is no test split: test_fraction is 0; set test_fraction > 0 to test.")
-        return DataLoader(ds, sampler=ShardSampler(ds), **self._loader_kwargs())
+        return DataLoader(ds, sampler=ShardSampler(ds, **self._shard()), **self._loader_kwargs())
 
     # ------------------------------------------------------------------ checkpoints
 

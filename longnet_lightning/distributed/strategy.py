@@ -73,14 +73,19 @@ def split_batch(batch: dict, group) -> dict:
     return {k: split_sequence(v, size, rank) if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
 
 
-def global_mean(nll_sum: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss to backpropagate, global mean NLL, global token count)`` from this rank's NLL sum
-    and scored-token count. The loss is ``world_size * nll_sum / global count``, so DDP's average
-    of the ranks' gradients is the gradient of the global mean (one all-reduce of two scalars)."""
+def global_mean(nll_sum: torch.Tensor, count: torch.Tensor, tokens: int = 0):
+    """``(loss to backpropagate, global mean NLL, global input tokens)`` from this rank's NLL sum,
+    scored-token count and input-token count.
+
+    The loss is ``world_size * nll_sum / global count``: DDP's average of the ranks' gradients is
+    then the gradient of the global mean, every token counted once over the data x sequence mesh
+    (one all-reduce of three scalars; none on one process).
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         total = count.clamp(min=1)
-        return nll_sum / total, nll_sum.detach() / total, count
-    sums = torch.stack([nll_sum.detach().to(torch.float64), count.to(torch.float64)])
+        return nll_sum / total, nll_sum.detach() / total, int(tokens)
+    sums = torch.stack([nll_sum.detach().to(torch.float64), count.to(torch.float64),
+                        torch.tensor(float(tokens), dtype=torch.float64, device=count.device)])
     dist.all_reduce(sums)
     total = sums[1].clamp(min=1)
-    return nll_sum * (dist.get_world_size() / total).to(nll_sum.dtype), (sums[0] / total), sums[1].to(torch.int64)
+    return nll_sum * (dist.get_world_size() / total).to(nll_sum.dtype), sums[0] / total, int(sums[2].item())
