@@ -49,8 +49,12 @@ def test_recipe_parses(recipe, capsys, monkeypatch):
     assert cfg_model.n_layer >= 1
     if recipe.name != "quickstart-cpu.yaml":
         assert trainer["precision"] == "bf16-mixed"
-        tokens_per_step = data["batch_size"] * data["seq_len"] * trainer["accumulate_grad_batches"]
-        assert tokens_per_step == 512 * 1024
+        strategy = trainer.get("strategy")
+        sp = strategy["init_args"].get("sequence_parallel_size", 1) if isinstance(strategy, dict) else 1
+        devices = trainer["devices"] if isinstance(trainer["devices"], int) else 1
+        tokens_per_step = (data["batch_size"] * data["seq_len"] * trainer["accumulate_grad_batches"] * devices
+                           // sp)  # over all GPUs; a sequence group reads one batch
+        assert tokens_per_step == (2**20 if "-1m-" in recipe.name else 512 * 1024)
 
 
 def test_recipe_settings(capsys, monkeypatch):
