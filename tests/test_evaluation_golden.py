@@ -98,3 +98,26 @@ def test_evaluation_imports_neither_the_cli_nor_the_lightning_module(fixed, tmp_
     assert proc.returncode == 0, proc.stderr
     assert "IMPORTED []" in proc.stdout, proc.stdout
     assert (tmp_path / "eval" / "results.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, extra", [(2, ()), (3, ("--stride", "8"))])
+def test_evaluate_over_a_sequence_group_gives_the_same_numbers(fixed, tmp_path, nproc, extra):
+    """``torchrun`` with ``nproc`` CPU processes: every window split over the ranks, the numbers of
+    one process (each rank holds a chunk of each window; the NLL sums are added up)."""
+    import os
+
+    root, docs, ckpt = fixed
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "longnet_lightning", "evaluate", "--no_progress", "--ckpt_path", str(ckpt), "--data_path", str(docs),
+           "--context_lengths", "16", "64", "--out_dir", str(out), "--cache_dir", str(root / "cache"),
+           "--device", "cpu", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())["models"][0]["results"]
+    for r in results:
+        tokens, ppl, bpb = GOLDEN[extra][r["context_length"]]
+        assert r["tokens"] == tokens
+        assert r["perplexity"] == pytest.approx(ppl, rel=1e-6) and r["bits_per_byte"] == pytest.approx(bpb, rel=1e-6)

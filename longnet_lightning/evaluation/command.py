@@ -434,9 +434,31 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def sequence_group(device: torch.device):
+    """Under ``torchrun`` (``WORLD_SIZE > 1``): every rank in one sequence group, so each window
+    is split over all of them (contexts longer than one device holds), and this rank's device
+    (``cuda:LOCAL_RANK`` on GPUs). Else ``(None, device)``."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.group.WORLD, device
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Evaluate; returns the report dict (also written to --out_dir)."""
-    device = _device(args.device)
+    group, device = sequence_group(_device(args.device))
     ckpts = [read_model_checkpoint(p, args.tokenizer) for p in args.ckpt_path]
     names = _names(args, ckpts)
     contexts = args.context_lengths
@@ -496,8 +518,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         for n in contexts:
             res = evaluate_perplexity(
                 net, data.docs, n, args.stride, token_bytes=data.token_bytes, batch_size=args.batch_size,
-                batch_tokens=args.batch_tokens, precision=args.precision, progress=not args.no_progress,
-                desc=f"{name} @ {context_label(n)}",
+                batch_tokens=args.batch_tokens, precision=args.precision,
+                progress=not args.no_progress and _is_main(), desc=f"{name} @ {context_label(n)}", group=group,
             )
             bpb = f"  bits/byte {res.bits_per_byte:.4f}" if res.bits_per_byte is not None else ""
             _log(f"{name} @ {context_label(n)}: perplexity {res.perplexity:.4f}  mean NLL {res.mean_nll:.4f}{bpb}  "
@@ -549,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         if out_dir.exists() and not out_dir.is_dir():
             raise EvaluationError(f"--out_dir {str(out_dir)!r} is a file; give a folder.")
         report = run(args, argv)
+        if not _is_main():  # ranks of a sequence group computed the same report: one writes it
+            return 0
         paths = write_report(report, out_dir)
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         if os.environ.get(DEBUG_ENV):

@@ -170,6 +170,7 @@ def evaluate_perplexity(
     precision: str = "auto",
     progress: bool = True,
     desc: str | None = None,
+    group=None,
 ) -> ContextResult:
     """Score every target of ``docs`` once with windows of at most ``context_length`` tokens.
 
@@ -185,6 +186,10 @@ def evaluate_perplexity(
         batch_size: windows per forward pass; None = ``max(1, batch_tokens // context_length)``.
         precision: 'auto' (bf16 autocast on CUDA, float32 elsewhere), '32' or 'bf16'.
         progress: show a tqdm bar counting scored targets.
+        group: a ``torch.distributed`` group over which every window is split (sequence
+            parallelism: each rank holds a contiguous chunk of it, so contexts longer than one
+            device holds can be scored). Every rank of the group passes the same ``docs`` and
+            gets the same result, equal to one process scoring the whole windows.
 
     Raises EvaluationError when the model cannot take ``context_length`` tokens (naming the fix)
     or when the inputs are wrong; out of memory names the batch size to lower.
@@ -202,6 +207,9 @@ def evaluate_perplexity(
             f"context length {c} is more than this model can take: {why} works up to {limit} positions. "
             f"Use context lengths <= {limit} for it (dilated attention or position='rope' have no such limit)."
         )
+    if group is not None and c < torch.distributed.get_world_size(group):
+        raise EvaluationError(f"context length {c} is shorter than the sequence group "
+                              f"({torch.distributed.get_world_size(group)} ranks): every rank needs a position.")
     if batch_size is None:
         batch_size = max(1, int(batch_tokens) // c)
     if batch_size < 1:
@@ -244,16 +252,22 @@ def evaluate_perplexity(
                     y[b, length - scored : length] = tok[length - scored + 1 :]
                 xs = torch.from_numpy(x).to(device, non_blocking=True)
                 ys = torch.from_numpy(y).to(device, non_blocking=True)
-                nll = _window_nll(net, xs, ys, c, len(rows))
-                pos_nll[:L] += nll.sum(0, dtype=torch.float64)
+                at = slice(0, L)
+                if group is not None:  # this rank's contiguous chunk of every window
+                    xs, ys, at = _chunk(xs, ys, group)
+                nll = _window_nll(net, xs, ys, c, len(rows), group)
+                pos_nll[at] += nll.sum(0, dtype=torch.float64)
                 mask = ys != IGNORE_INDEX
-                pos_cnt[:L] += mask.sum(0)
+                pos_cnt[at] += mask.sum(0)
                 if table is not None:
                     n_bytes += label_bytes(ys, table)
                 bar.update(int(rows[:, SCORED].sum()))
     finally:
         bar.close()
         net.train(was_training)
+    if group is not None:  # every rank scored its chunk of every window: sum them
+        for t in (pos_nll, pos_cnt, n_bytes):
+            torch.distributed.all_reduce(t, group=group)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -284,9 +298,24 @@ def evaluate_perplexity(
     )
 
 
-def _window_nll(net, x: torch.Tensor, y: torch.Tensor, c: int, batch: int) -> torch.Tensor:
+def _chunk(x: torch.Tensor, y: torch.Tensor, group):
+    """This rank's chunk of windows ``x, y`` ``[B, L]`` (right-padded, never scored, to at least
+    one position per rank) and the slice of window positions it covers."""
+    size, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    if x.shape[1] < size:
+        pad = size - x.shape[1]
+        x = torch.nn.functional.pad(x, (0, pad))
+        y = torch.nn.functional.pad(y, (0, pad), value=IGNORE_INDEX)
+    lengths = [len(t) for t in torch.tensor_split(torch.arange(x.shape[1]), size)]
+    a = sum(lengths[:rank])
+    return x[:, a:a + lengths[rank]], y[:, a:a + lengths[rank]], slice(a, a + lengths[rank])
+
+
+def _window_nll(net, x: torch.Tensor, y: torch.Tensor, c: int, batch: int, group=None) -> torch.Tensor:
     """Per-token NLL ``[B, L]`` (0 where not scored); model errors become EvaluationError."""
     try:
+        if group is not None:
+            return net.loss(x, y, reduction="none", group=group).float()
         return net.loss(x, y, reduction="none").float()
     except _OOM:
         raise EvaluationError(
