@@ -93,7 +93,13 @@ def check_single(rows):
                     ql, kl, vl = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
                     out = dilated_attention(ql, kl, vl, ws, rs, causal=causal, settings=settings)
                     grads = torch.autograd.grad(out, (ql, kl, vl), dout.to(dtype))
-                    worst = max(worst, rel(out, ref), *(rel(g, r) for g, r in zip(grads, gref)))
+                    # the same with heads-major inputs and output gradient (views of [B, H, N, D])
+                    hm = [t.detach().to(dtype).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                          for t in (q, k, v)]
+                    out2 = dilated_attention(*hm, ws, rs, causal=causal, settings=settings)
+                    grads2 = torch.autograd.grad(out2, hm, dout.to(dtype).transpose(1, 2).contiguous().transpose(1, 2))
+                    worst = max(worst, rel(out, ref), rel(out2, ref), *(rel(g, r) for g, r in zip(grads, gref)),
+                                *(rel(g, r) for g, r in zip(grads2, gref)))
                 rows.append((f"dilated {plan}, triton {tri}", str(dtype)[6:], f"{len(CASES)} shapes", f"{worst:.2e}",
                              worst < BOUND[dtype]))
 
@@ -193,6 +199,72 @@ def time_paper_pattern(rows):
         del q, k, v, dout, out
 
 
+def _model_worker(rank, world, store, results, n):
+    import torch.distributed as dist
+
+    from longnet_lightning import LongNet, LongNetConfig
+
+    torch.cuda.set_device(0)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        buf = io.BytesIO()
+        torch.save(_model_step(LongNetConfig, LongNet, n, rank, world, dist.group.WORLD), buf)
+        results.put((rank, "ok", buf.getvalue()))
+    except BaseException as e:  # noqa: BLE001
+        results.put((rank, "error", f"{e}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _model_step(config_cls, model_cls, n, rank=0, world=1, group=None):
+    """NLL sum of one 125M step (bf16 autocast) on this rank's chunk and a few gradients."""
+    torch.manual_seed(0)
+    model = model_cls(config_cls.from_name("125M", vocab_size=256)).cuda()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 256, (1, n), generator=g).cuda()
+    lengths = [len(t) for t in torch.tensor_split(torch.arange(n), world)]
+    a = sum(lengths[:rank])
+    x = idx[:, a:a + lengths[rank]]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        nll = model.loss(x, torch.roll(idx, -1, 1)[:, a:a + lengths[rank]], reduction="sum", group=group)
+    nll.backward()
+    picks = ("embed.weight", "blocks.0.attn.k_proj.weight", "blocks.11.attn.v_proj.weight", "blocks.11.ffn.fc2.weight")
+    grads = {k: p.grad.float().cpu() for k, p in model.named_parameters() if k in picks}
+    return nll.detach().float().cpu(), grads
+
+
+def check_model_step(rows, world=2, n=49152):
+    """A 125M step split over 2 processes on this GPU (chunks of 24K: the paper pattern's 32K
+    segments span them) against one process on the whole 48K sequence."""
+    from longnet_lightning import LongNet, LongNetConfig
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_model_worker, args=(r, world, os.path.join(tmp, "s"), results, n))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        got = {}
+        for _ in range(world):
+            rank, status, value = results.get(timeout=300)
+            if status != "ok":
+                rows.append(("125M step, 2 procs", "bf16", "-", "FAILED: " + value.splitlines()[0][:80], False))
+                print(value, file=sys.stderr)
+                return
+            got[rank] = torch.load(io.BytesIO(value), weights_only=True)
+        for p in procs:
+            p.join(timeout=30)
+    loss, grads = _model_step(LongNetConfig, LongNet, n)
+    sp_loss = sum(got[r][0] for r in range(world))
+    e = [abs(sp_loss.item() - loss.item()) / abs(loss.item())]
+    for k, gref in grads.items():
+        e.append(rel(sum(got[r][1][k] for r in range(world)), gref))
+    print(f"125M step: loss {loss.item():.6g} (1 proc) vs {sp_loss.item():.6g} (2 procs), grad rel errors {e[1:]}")
+    rows.append(("125M step (loss, 4 grads), 2 procs vs 1", "bf16", f"N={n}", f"{max(e):.2e}", max(e) < 2e-2))
+
+
 def main(argv=None) -> int:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     if not torch.cuda.is_available():
@@ -200,7 +272,7 @@ def main(argv=None) -> int:
         return 2
     warnings.simplefilter("ignore")
     rows: list[tuple] = []
-    for check in (check_rectangular, check_single, check_sequence_parallel, time_paper_pattern):
+    for check in (check_rectangular, check_single, check_sequence_parallel, check_model_step, time_paper_pattern):
         try:
             check(rows)
         except Exception as e:  # noqa: BLE001 - report and go on with the other checks

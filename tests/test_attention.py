@@ -269,3 +269,17 @@ def test_rectangular_blocks_match_dense_attention_with_offset_mask(backend, caus
     dout = torch.randn_like(ref)
     grads = attend_backward(kernel, dout, q, k, v, ref.detach(), lse, causal, 0.5)
     assert _max_err(grads, torch.autograd.grad(ref, (q, k, v), dout)) < TOL
+
+
+@pytest.mark.parametrize("plan_name", ["packed", "strided"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_heads_major_inputs_and_output_gradient_match_reference(backend, plan_name):
+    """Views of ``[B, H, N, D]`` tensors (as from a heads-first projection) as q, k, v and as the
+    output gradient: the same outputs and gradients as contiguous ones."""
+    q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+               for t in _inputs(2, 53, 4, 8, seed=11))
+    ref = dilated_attention_reference(q, k, v, DilationPattern([8, 16], [1, 2]))
+    out = dilated_attention(q, k, v, [8, 16], [1, 2], backend=backend, settings=plan(plan_name, triton="off"))
+    dout = torch.randn(2, 4, 53, 8, dtype=torch.float64).transpose(1, 2)
+    assert _max_err([out], [ref]) < TOL
+    assert _max_err(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)) < TOL

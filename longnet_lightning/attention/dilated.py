@@ -101,8 +101,7 @@ class _Run:
     def strided_backward(self, dout, q, k, v, out, lse):
         """Gradients w.r.t. ``q, k, v``, accumulated in the inputs' dtype in the returned tensors."""
         blocks, first_covers = strided_plan(self.pattern, *q.shape[:3], self.settings.max_rows_per_call)
-        alloc = torch.empty_like if first_covers else torch.zeros_like
-        grads = alloc(q), alloc(k), alloc(v)
+        grads = _grad_buffers(q, k, v, zero=not first_covers)
         self.blocks_backward(dout, q, k, v, out, lse, grads, blocks, first_covers)
         return grads
 
@@ -141,8 +140,7 @@ class _Run:
     def packed_backward(self, dout, q, k, v, out, lse):
         """Gradients for :meth:`packed_forward`; padding slots get ``dout = 0`` and ``lse = +inf``,
         so they receive and send exactly zero gradient. Accumulated in the inputs' dtype."""
-        alloc = torch.empty_like if 1 in self.pattern.dilation_rates else torch.zeros_like
-        dq, dk, dv = alloc(q), alloc(k), alloc(v)
+        dq, dk, dv = _grad_buffers(q, k, v, zero=1 not in self.pattern.dilation_rates)
         for call in self._calls(q):
             (qp, kp, vp, op, dop), lp = self._gather(call, (q, k, v, out, dout), lse)
             grads = self.kernel.backward(dop, qp, kp, vp, op, lp, True, self.scale)
@@ -176,7 +174,7 @@ class _Run:
     def sharded_backward(self, dout, q, k, v, out, lse, plan: ShardPlan, recv):
         """``dq, dk, dv`` of this rank's own rows, and the gradients of the received rows laid out
         like ``recv``, to be returned to their owners."""
-        grads = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grads = _grad_buffers(q, k, v, zero=True)
         self.blocks_backward(dout, q, k, v, out, lse, grads, plan.local, first_covers=False)
         remote = {}
         for ci, (call, (kg, vg)) in enumerate(zip(plan.calls, self._keys(plan, k, v, recv))):
@@ -196,6 +194,13 @@ class _Run:
                     remote[ci, pi] = part
         flat = [t.reshape(-1).to(k.dtype) for src in plan.receives for key in src for t in remote[key]]
         return grads, (torch.cat(flat) if flat else k.new_zeros(0))
+
+
+def _grad_buffers(q, k, v, zero: bool):
+    """dq, dk, dv, contiguous ``[B, N, H, D]`` whatever the inputs' layout (the PyTorch data
+    movement views them flat); zero-filled unless a covering branch writes every row."""
+    alloc = torch.zeros_like if zero else torch.empty_like
+    return tuple(alloc(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _slices(call):
@@ -257,6 +262,12 @@ def _return_grads(plan: ShardPlan, dk, dv, back: torch.Tensor, triton: bool) -> 
             at += nk + nv
 
 
+def _like(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``dout`` in ``out``'s memory layout: cuDNN's attention backward returns wrong gradients
+    when the output gradient's strides differ from the output's (seen on an H200, torch 2.11)."""
+    return dout if dout.stride() == out.stride() else dout.contiguous()
+
+
 class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, run: _Run):
@@ -269,7 +280,7 @@ class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        run, dout = ctx.run, normalize_layout(dout)
+        run, dout = ctx.run, _like(dout, out)
         grads = (run.packed_backward if ctx.packed else run.strided_backward)(dout, q, k, v, out, lse)
         return *grads, None
 
@@ -292,7 +303,7 @@ class _ShardedAttentionFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, recv = ctx.saved_tensors
         run, plan = ctx.run, ctx.plan
-        (dq, dk, dv), back = run.sharded_backward(normalize_layout(dout), q, k, v, out, lse, plan, recv)
+        (dq, dk, dv), back = run.sharded_backward(_like(dout, out), q, k, v, out, lse, plan, recv)
         if plan.communicates:
             send_sizes, recv_sizes = ctx.sizes
             _return_grads(plan, dk, dv, ctx.exchange(back, recv_sizes, send_sizes), run.triton)
