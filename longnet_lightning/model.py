@@ -117,7 +117,7 @@ class LongNetConfig:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward): matmuls ``6 * params``
-        (non-embedding, plus the LM head) and attention as SPEC.md counts it (backward 2.5x)."""
+        (non-embedding, plus the LM head) and attention as docs/semantics.md counts it (backward 2.5x)."""
         matmul = 6 * (self.num_params(embeddings=False) + self.vocab_size * self.n_embd)
         if self.attention == "dense":
             attn_fwd = 2.0 * seq_len * self.n_embd  # causal 2*N^2*H*D over N tokens
