@@ -1,34 +1,31 @@
 """Dilated attention on the GPU: correctness against the dense reference, then speed and memory.
 
-    python benchmarks/attention.py --check --sizes 8192 32768 131072 1048576
+    python -m benchmarks.attention --check --sizes 8192 32768 131072 1048576
 
 Correctness: each backend, bf16 and fp32, on fresh random inputs of awkward shapes, compared
 with the float64 dense reference (relative L2 error of the output and of dq, dk, dv).
 Speed: the paper pattern (w = 2048..32768, r = 1, 2, 4, 6, 12), 12 heads, head dim 64, bf16,
 causal, batch 1; forward and forward+backward medians from CUDA events, effective TFLOP/s as
-SPEC.md counts them (backward = 2.5x forward), and peak memory over the inputs, output and
-gradients (``peak / io``; io = q, k, v, out, dout, dq, dk, dv). Dense causal SDPA runs beside it.
+docs/semantics.md counts them (backward = 2.5x forward), and peak memory over the inputs,
+output and gradients (``peak / io``; io = q, k, v, out, dout, dq, dk, dv). Dense causal SDPA
+runs beside it.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import sys
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from longnet_lightning.attention import DilationPattern, dilated_attention, dilated_attention_reference  # noqa: E402
-import longnet_lightning.attention.dilated as dil  # noqa: E402
-from longnet_lightning.attention.kernels import KERNELS  # noqa: E402
+import longnet_lightning.attention.dilated as dil
+from longnet_lightning.attention import DilationPattern, dilated_attention, dilated_attention_reference
+from longnet_lightning.attention.kernels import KERNELS
+from longnet_lightning.attention.multihead import dense_attention
+
+from .common import PAPER, bench_ms, require_cuda
 
 DEFAULT_PACKED = dil.PACKED_MAX_TOKENS
-from longnet_lightning.attention.multihead import dense_attention  # noqa: E402
-
-PAPER = DilationPattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
 
 
 def use(backend: str) -> str:
@@ -79,21 +76,6 @@ def check(backends, out_rows):
                 print(json.dumps(row), flush=True)
 
 
-def bench_ms(fn, reps=10):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
-
-
 def speed(n, backend, reps, h=12, d=64, pattern=PAPER):
     torch.cuda.empty_cache()
     q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -127,7 +109,8 @@ def speed(n, backend, reps, h=12, d=64, pattern=PAPER):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.attention",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare every backend with the reference first")
     ap.add_argument("--sizes", type=int, nargs="*", default=[8192, 32768, 131072, 1048576])
     ap.add_argument("--backends", nargs="*", default=["sdpa:cudnn", "sdpa:flash", "xformers", "torch", "dense"])
@@ -135,8 +118,9 @@ def main():
     ap.add_argument("--torch-max", type=int, default=32768, help="largest N for the plain torch kernel")
     ap.add_argument("--packed-max", type=int, default=1048576, help="largest N for a forced packed plan")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "attention.json"))
+    ap.add_argument("--json", default="attention.json", help="where to write every row")
     args = ap.parse_args()
+    require_cuda("benchmarks.attention")
     warnings.simplefilter("default")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     for name in {b.partition("@")[0].partition(":")[0] for b in args.backends}:

@@ -3,17 +3,18 @@ eager, each block compiled (``blk.compile()``), or the whole loss compiled
 (``torch.compile(model.loss)``, what ``LongNetLM(compile=True)`` does), with and without
 activation checkpointing. The dilated attention call stays eager inside every compiled graph.
 
-    python benchmarks/compile_modes.py
+    python -m benchmarks.compile_modes
+
+Step ms: median over 4 steps after 2 (the first, which compiles, is timed on its own).
 """
-import os
-import sys
-import time
+import argparse
 import traceback
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from longnet_lightning.model import LongNet, LongNetConfig  # noqa: E402
+from longnet_lightning.model import LongNet, LongNetConfig
+
+from .common import bench_ms, require_cuda, wall_s
 
 
 def run(context, ckpt, mode, steps=6):
@@ -25,26 +26,27 @@ def run(context, ckpt, mode, steps=6):
             blk.compile()
     loss_fn = torch.compile(model.loss) if mode == "loss" else model.loss
     idx = torch.randint(0, 32768, (1, context), device="cuda")
-    times = []
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     try:
-        for _ in range(steps):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_fn(idx, idx)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        rest = sorted(times[2:])
-        print(f"| {context:,} | {ckpt} | {mode} | {1e3 * rest[len(rest) // 2]:.1f} | {times[0]:.1f} |", flush=True)
+        first = wall_s(step)
+        ms = bench_ms(step, reps=steps - 2, warmup=1)
+        print(f"| {context:,} | {ckpt} | {mode} | {ms:.1f} | {first:.1f} |", flush=True)
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"| {context:,} | {ckpt} | {mode} | {type(e).__name__} | |", flush=True)
         traceback.print_exc(limit=-6)
 
 
 def main():
+    argparse.ArgumentParser(prog="python -m benchmarks.compile_modes",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    require_cuda("benchmarks.compile_modes")
     print("| context | act. ckpt | compiled | step ms | first step s |\n|---|---|---|---|---|")
     run(65536, True, "blocks")
     run(65536, True, "eager")

@@ -2,40 +2,33 @@
 attention replaced by a stand-in that returns ``v`` (same shapes, no cost), eager and compiled,
 next to the real model: the gap is attention, the rest bounds the reachable MFU.
 
-    python benchmarks/model_floor.py --context 32768
+    python -m benchmarks.model_floor --context 32768
+
+Step ms: CUDA-event median of 5 steps after 3; host enqueue: until the step's last call returns.
 """
 import argparse
-import os
-import statistics
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import longnet_lightning.attention.multihead as mh  # noqa: E402
-from longnet_lightning.model import LongNet, LongNetConfig  # noqa: E402
+import longnet_lightning.attention.multihead as mh
+from longnet_lightning.model import LongNet, LongNetConfig
+
+from .common import bench_ms, require_cuda
 
 REAL = mh.dilated_attention
 
 
 def time_step(model, idx, steps=5):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    walls, hosts = [], []
-    for i in range(steps + 3):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.loss(idx, idx)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        if i >= 3:
-            walls.append(time.perf_counter() - t0)
-            hosts.append(t1 - t0)
-    return 1e3 * statistics.median(walls), 1e3 * statistics.median(hosts)
+
+    return bench_ms(step, reps=steps, warmup=3, host=True)
 
 
 def variant(name, context, stub=False, compile_=False, position="xpos"):
@@ -57,9 +50,11 @@ def variant(name, context, stub=False, compile_=False, position="xpos"):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.model_floor",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context", type=int, default=32768)
     args = ap.parse_args()
+    require_cuda("benchmarks.model_floor")
     print("| variant | step ms | host enqueue ms |\n|---|---|---|")
     variant("dilated attention", args.context)
     variant("attention stand-in (returns v)", args.context, stub=True)

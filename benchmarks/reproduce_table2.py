@@ -6,21 +6,21 @@ tokens (same tokens per step, same steps), on the Python standard library corpus
 packed; then evaluates both on the held-out test split at 2K, 8K and 32K tokens of context with
 ``python -m longnet_lightning evaluate`` and prints the table (rows: models, columns: context).
 
-    python benchmarks/reproduce_table2.py                      # one H200: estimated 6-7 minutes
-    python benchmarks/reproduce_table2.py --preset cpu-toy     # CPU smoke run: 1-2 minutes
+    python -m benchmarks.reproduce_table2                      # one H200: estimated 6-7 minutes
+    python -m benchmarks.reproduce_table2 --preset cpu-toy     # CPU smoke run: 1-2 minutes
 
-Everything goes to ``--out_dir`` (default ``$OUT/table2`` when $OUT is set, else
-``runs/table2-<date-time>``): one folder per training run (checkpoints, metrics.csv, the resolved
-config), ``eval/`` (results.json, table.md, loss_by_position.csv/png), a log per step, and
-``results_section.md``, ready to paste into benchmarks/RESULTS.md.
+Everything goes to ``--out_dir`` (default ``runs/table2-<date-time>``): one folder per training
+run (checkpoints, metrics.csv, the resolved config), ``eval/`` (results.json, table.md,
+loss_by_position.csv/png), a log per step, and ``results_section.md``, ready to paste into
+benchmarks/RESULTS.md.
 
-Presets: ``h200`` runs the recipes unchanged, each training capped at 3.5 minutes (a safety net
-under the device's 10-minute limit: if LongNet stops early, the dense run trains exactly as
-many steps, with the same learning-rate schedule); ``cpu-toy`` shrinks everything (2 layers of 64,
-LongNet at 1024 vs dense at 256 with the paper's pattern scaled by 1024/8192, 60 steps,
-contexts 256/1K/4K, evaluation capped at 40K tokens). Any setting can be overridden (--steps,
---n_layer, --long_seq_len, --contexts, ...); the LongNet pattern is the paper's
-(w = 2048..32768, r = 1, 2, 4, 6, 12) scaled by long_seq_len / 8192.
+Presets: ``h200`` runs the recipes unchanged, each training capped at 3.5 minutes (if LongNet
+stops early, the dense run trains exactly as many steps, with the same learning-rate schedule);
+``cpu-toy`` shrinks everything (2 layers of 64, LongNet at 1024 vs dense at 256 with the
+paper's pattern scaled by 1024/8192, 60 steps, contexts 256/1K/4K, evaluation capped at 40K
+tokens). Any setting can be overridden (--steps, --n_layer, --long_seq_len, --contexts, ...);
+the LongNet pattern is the paper's (``longnet_lightning.model.PATTERNS["paper"]``) scaled by
+long_seq_len / 8192.
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ from pathlib import Path
 
 import yaml
 
+from longnet_lightning.model import PATTERNS
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"long": REPO / "recipes" / "repro-longnet-8k.yaml", "short": REPO / "recipes" / "repro-dense-2k.yaml"}
 CHECKPOINT_EVERY = 10  # at most, in steps: a run stopped by --max_train_minutes keeps its last checkpoint
-PAPER_PATTERN = ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])  # at a training length of 8192
+PAPER_PATTERN = PATTERNS["paper"]  # at a training length of 8192
 
 PRESETS: dict[str, dict] = {
     "h200": {"contexts": [2048, 8192, 32768], "max_train_minutes": 3.5},  # the recipes as written
@@ -57,10 +59,11 @@ PRESETS: dict[str, dict] = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce_table2",
+                                description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="h200 (the recipes as written) or cpu-toy; default: h200 when CUDA is available, else cpu-toy")
-    p.add_argument("--out_dir", help="default: $OUT/table2 when $OUT is set, else runs/table2-<date-time>")
+    p.add_argument("--out_dir", help="default: runs/table2-<date-time>")
     g = p.add_argument_group("model (default: the recipes' 6 x 384)")
     for name in ("n_layer", "n_embd", "n_head", "ffn_dim"):
         g.add_argument(f"--{name}", type=int)
@@ -77,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--precision", help="recipe: bf16-mixed")
     g.add_argument("--num_workers", type=int)
     g.add_argument("--max_train_minutes", type=float,
-                   help="stop a training run after this long (h200: 3.5, a safety net under the 10-minute limit); "
+                   help="stop a training run after this long (h200: 3.5); "
                    "the dense run then trains exactly the steps LongNet reached, with the same schedule")
     g.add_argument("--skip_training", action="store_true",
                    help="reuse the checkpoints already in --out_dir and only evaluate")
@@ -230,8 +233,6 @@ def main(argv=None) -> int:
     s = settings(args)
     if args.out_dir:
         out = Path(args.out_dir)
-    elif os.environ.get("OUT"):
-        out = Path(os.environ["OUT"]) / "table2"
     else:
         out = REPO / "runs" / time.strftime("table2-%Y%m%d-%H%M%S")
     out = out.resolve()
@@ -282,9 +283,9 @@ def main(argv=None) -> int:
     params = report["models"][0]["params"]
     budget = runs["long"]["steps"] * s["tokens_per_step"]
     lines = [
-        f"## {time.strftime('%Y-%m-%d')} — LongNet vs dense at small scale, the trend of the paper's Table 2 (issue 4)",
+        f"## {time.strftime('%Y-%m-%d')} — LongNet vs dense at small scale, the trend of the paper's Table 2",
         "",
-        f"`python benchmarks/reproduce_table2.py {shlex.join(argv)}`".replace(" `", "`"),
+        f"`python -m benchmarks.reproduce_table2 {shlex.join(argv)}`".replace(" `", "`"),
         f"on {device_name(s['accelerator'])}; {total / 60:.1f} min in all (training, evaluation, start-up).",
         "",
         f"Both models: {s['n_layer']} layers, width {s['n_embd']}, {s['n_head']} heads, FFN {s['ffn_dim']} "

@@ -1,22 +1,20 @@
 """Training throughput of the LongNet model on one GPU: tokens/s, MFU, peak memory.
 
-    python benchmarks/train_throughput.py --model 125M --contexts 8192 32768 131072 1048576
+    python -m benchmarks.train_throughput --model 125M --contexts 8192 32768 131072 1048576
 
 One optimizer step = forward + backward + AdamW, bf16 autocast, batch = max(1, tokens // context).
 MFU = model FLOPs per token (LongNetConfig.flops_per_token: 6 x matmul parameters incl. the LM
-head, plus attention per SPEC.md with backward = 2.5 x forward) x tokens/s / peak, with the
-H200's dense bf16 peak of 989 TFLOP/s (datasheet). Dense attention runs beside dilated.
+head, plus attention as docs/semantics.md counts it, backward = 2.5 x forward) x tokens/s / peak,
+with the H200's dense bf16 peak of 989 TFLOP/s (datasheet). Dense attention runs beside dilated.
 """
 import argparse
 import json
-import os
-import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from longnet_lightning.model import LongNet, LongNetConfig  # noqa: E402
+from longnet_lightning.model import LongNet, LongNetConfig
+
+from .common import bench_ms, require_cuda
 
 PEAK = 989e12
 
@@ -33,37 +31,34 @@ def run(model_name, attention, context, tokens, vocab, steps, ckpt, compile_bloc
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)
     bsz = max(1, tokens // context)
     idx = torch.randint(0, vocab, (bsz, context), device="cuda")
-    times = []
+    last = {}
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            last["loss"] = loss = model.loss(idx, idx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     try:
-        for i in range(steps + 2):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model.loss(idx, idx)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            e.record()
-            torch.cuda.synchronize()
-            if i >= 2:
-                times.append(s.elapsed_time(e) / 1e3)
+        t = bench_ms(step, reps=steps, warmup=2) / 1e3  # CUDA-event median after 2 warm-up steps
     except torch.OutOfMemoryError:
         return dict(model=model_name, attention=attention, context=context, ckpt=ckpt, compiled=compile_blocks,
                     error="OOM")
     except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
         return dict(model=model_name, attention=attention, context=context, ckpt=ckpt, compiled=compile_blocks,
                     error=f"{type(e).__name__}: {e}"[:200])
-    t = statistics.median(times)
     tps = bsz * context / t
     return dict(model=model_name, attention=attention, context=context, batch=bsz, ckpt=ckpt,
                 compiled=compile_blocks, step_s=t,
                 tokens_per_s=tps, mfu=cfg.flops_per_token(context) * tps / PEAK,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss))
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(last["loss"]))
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="125M")
     ap.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 131072, 1048576])
     ap.add_argument("--attention", nargs="*", default=["dilated", "dense"])
@@ -73,8 +68,9 @@ def main():
     ap.add_argument("--dense-max", type=int, default=131072)
     ap.add_argument("--ckpt-from", type=int, default=262144, help="activation checkpointing from this context")
     ap.add_argument("--compile", nargs="*", type=int, default=[0], help="0: eager, 1: torch.compile the blocks")
-    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
+    ap.add_argument("--json", default="train_throughput.json", help="where to write every row")
     args = ap.parse_args()
+    require_cuda("benchmarks.train_throughput")
     rows = []
     for ctx in args.contexts:
         for att in args.attention:

@@ -1,28 +1,28 @@
 """Launch shapes of the Triton data-movement kernels (attention/fused.py): GB/s per
 (elements per program, warps), on the real kernel outputs of the paper pattern's shapes.
 
-    python benchmarks/tune_fused.py            # prints a table and the best LONGNET_TRITON_LAUNCH
+    python -m benchmarks.tune_fused            # prints a table and the best LONGNET_TRITON_LAUNCH
 
 Strided plan: a ``(w=4096, r=2)`` block of N = 1M (merge in bf16, gradient accumulation).
 Packed plan: branch ``(4096, 2)`` of N = 32K (gather of five tensors and the LSE, merge, scatter-add).
 """
-import os
-import sys
+import argparse
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from longnet_lightning.attention import fused  # noqa: E402
-from longnet_lightning.attention.kernels import KERNELS  # noqa: E402
-from longnet_lightning.attention.pattern import block_view, plan_branch, split_block  # noqa: E402
+from longnet_lightning.attention import fused
+from longnet_lightning.attention.kernels import KERNELS
+from longnet_lightning.attention.pattern import block_view, plan_branch, split_block
 
-sys.path.insert(0, os.path.dirname(__file__))
-from attention import bench_ms  # noqa: E402  (CUDA-event median, after warm-up)
+from .common import bench_ms, require_cuda
 
 CONFIGS = [(1024, 2), (2048, 2), (2048, 4), (4096, 4), (8192, 4), (4096, 8), (8192, 8), (16384, 8)]
 
 
 def main():
+    argparse.ArgumentParser(prog="python -m benchmarks.tune_fused",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    require_cuda("benchmarks.tune_fused")
     kern, h, d, bf = KERNELS["sdpa"], 12, 64, torch.bfloat16
     new = lambda *shape, dtype=bf: torch.randn(*shape, device="cuda", dtype=dtype)  # noqa: E731
     # strided plan, N = 1M

@@ -67,7 +67,7 @@ def test_backend_matches_reference_outputs_and_grads(backend, plan_name, cfg):
 
 
 def test_reference_matches_hand_computed_branch_mix():
-    """SPEC Eq. 10 by hand for N=4, one head: branches (2,1) and (4,2)."""
+    """Eq. 10 (docs/semantics.md) by hand for N=4, one head: branches (2,1) and (4,2)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 4, 1, 3, dtype=torch.float64) for _ in range(3))
     s = (q[0, :, 0] @ k[0, :, 0].T) / math.sqrt(3)  # [4, 4]
