@@ -18,27 +18,25 @@ import warnings
 
 import torch
 
-import longnet_lightning.attention.dilated as dil
-from longnet_lightning.attention import DilationPattern, dilated_attention, dilated_attention_reference
+from longnet_lightning.attention import AttentionSettings, DilationPattern, dilated_attention, dilated_attention_reference
 from longnet_lightning.attention.kernels import KERNELS
 from longnet_lightning.attention.multihead import dense_attention
 
 from .common import PAPER, bench_ms, require_cuda
 
-DEFAULT_PACKED = dil.PACKED_MAX_TOKENS
+BASE = AttentionSettings()  # --forward_acc / --xformers_force change it in main()
 
 
-def use(backend: str) -> str:
-    """``sdpa:flash`` / ``sdpa:cudnn`` pick the CUDA kernel behind the sdpa backend;
-    a suffix ``@packed`` / ``@strided`` forces the plan (default: chosen by size)."""
+def use(backend: str) -> tuple[str, AttentionSettings]:
+    """``(backend, settings)`` for ``backend``: ``sdpa:flash`` / ``sdpa:cudnn`` pick the CUDA
+    kernel behind the sdpa backend; a suffix ``@packed`` / ``@strided`` forces the plan (default:
+    chosen by size)."""
     backend, _, plan = backend.partition("@")
-    dil.PACKED_MAX_TOKENS = {"packed": 2**62, "strided": 0}.get(plan, DEFAULT_PACKED)
     name, _, impl = backend.partition(":")
-    if impl:
-        KERNELS[name].cuda_impl = impl
-    elif name == "sdpa":
-        KERNELS[name].cuda_impl = "cudnn"
-    return name
+    kw = BASE.to_dict()
+    kw["packed_max_tokens"] = {"packed": 2**62, "strided": 0}.get(plan, BASE.packed_max_tokens)
+    kw["sdpa_cuda"] = impl or "cudnn"
+    return name, AttentionSettings(**kw)
 
 
 def rel(a, b):
@@ -63,7 +61,8 @@ def check(backends, out_rows):
             for dtype in (torch.bfloat16, torch.float32):
                 x = [t.to(dtype).requires_grad_() for t in base]
                 try:
-                    out = dilated_attention(*x, ws, rs, causal=causal, backend=use(backend))
+                    name, settings = use(backend)
+                    out = dilated_attention(*x, ws, rs, causal=causal, backend=name, settings=settings)
                     grads = torch.autograd.grad(out, x, dout.to(dtype))
                     errs = [rel(out, ref)] + [rel(a, r) for a, r in zip(grads, ref_g)]
                     ok = all(e == e for e in errs) and max(errs) < (3e-2 if dtype == torch.bfloat16 else 1e-3)
@@ -84,8 +83,8 @@ def speed(n, backend, reps, h=12, d=64, pattern=PAPER):
         f = lambda: dense_attention(q, k, v, causal=True)  # noqa: E731
         flops = 2.0 * n * n * h * d
     else:
-        name = use(backend)
-        f = lambda: dilated_attention(q, k, v, pattern, causal=True, backend=name)  # noqa: E731
+        name, settings = use(backend)
+        f = lambda: dilated_attention(q, k, v, pattern, causal=True, backend=name, settings=settings)  # noqa: E731
         flops = pattern.flops(n, h, d)
 
     def fb():
@@ -119,13 +118,18 @@ def main():
     ap.add_argument("--packed-max", type=int, default=1048576, help="largest N for a forced packed plan")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default="attention.json", help="where to write every row")
+    ap.add_argument("--forward_acc", default="input", choices=["input", "float32"],
+                    help="AttentionSettings.forward_acc for every dilated backend")
+    ap.add_argument("--xformers_force", action="store_true", help="AttentionSettings.xformers_force")
     args = ap.parse_args()
+    global BASE
+    BASE = AttentionSettings(forward_acc=args.forward_acc, xformers_force=args.xformers_force)
     require_cuda("benchmarks.attention")
     warnings.simplefilter("default")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     for name in {b.partition("@")[0].partition(":")[0] for b in args.backends}:
         if name in KERNELS:
-            print(f"{name}: {KERNELS[name].supports(torch.zeros(1, 8, 1, 64, device='cuda', dtype=torch.bfloat16)) or 'ok'}")
+            print(f"{name}: {KERNELS[name](BASE).supports(torch.zeros(1, 8, 1, 64, device='cuda', dtype=torch.bfloat16)) or 'ok'}")
     rows = []
     if args.check:
         check([b for b in args.backends if b.partition("@")[0].partition(":")[0] in KERNELS], rows)

@@ -29,6 +29,8 @@ from longnet_lightning import DilationPattern, dilated_attention, dilated_attent
 from longnet_lightning.attention.kernels import KERNELS, attend, attend_backward
 from longnet_lightning.attention.settings import FALLBACKS, AttentionSettings
 
+from .common import require_cuda
+
 BOUND = {torch.bfloat16: 2e-2, torch.float32: 2e-3}
 
 
@@ -267,9 +269,7 @@ def check_model_step(rows, world=2, n=49152):
 
 def main(argv=None) -> int:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
-    if not torch.cuda.is_available():
-        print("check_gpu: no CUDA device here; run it on a GPU machine", file=sys.stderr)
-        return 2
+    require_cuda("benchmarks.check_gpu")
     warnings.simplefilter("ignore")
     rows: list[tuple] = []
     for check in (check_rectangular, check_single, check_sequence_parallel, check_model_step, time_paper_pattern):

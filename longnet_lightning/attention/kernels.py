@@ -16,7 +16,7 @@ as the branches'); ``torch`` takes the offset mask directly.
 
 ``backward`` is the flash-attention backward: it recomputes ``P = exp(scale*q.k - lse)`` and uses
 ``rowsum(dout * out)``. Called with the output and log-sum-exp of the *merged* dilated attention,
-it returns this branch's exact share of the merged gradient (SPEC.md, Eq. 10).
+it returns this branch's exact share of the merged gradient (docs/semantics.md, Eq. 10).
 
 Kernels: ``torch`` (plain tensor ops, chunked; any device and dtype, float64 included),
 ``sdpa`` (PyTorch's fused flash / memory-efficient kernels through their ATen ops), and

@@ -75,7 +75,7 @@ class DilationPattern:
         return math.lcm(*self.segment_lengths)
 
     def flops(self, n: int, heads: int, head_dim: int, causal: bool = True) -> float:
-        """Forward FLOPs as SPEC.md counts them: ``2*N*H*D*sum(w/r^2)`` causal, doubled otherwise."""
+        """Forward FLOPs as docs/semantics.md counts them: ``2*N*H*D*sum(w/r^2)`` causal, doubled otherwise."""
         f = 2.0 * n * heads * head_dim * sum(w / r**2 for w, r in self.branches)
         return f if causal else 2 * f
 

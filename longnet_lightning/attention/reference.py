@@ -1,4 +1,4 @@
-"""The dense reference of SPEC.md: attention with the additive bias ``log M_h(p, k)``.
+"""The dense reference of docs/semantics.md: attention with the additive bias ``log M_h(p, k)``.
 
 ``M_h(p, k)`` counts the branches in which positions ``p`` and ``k`` are both selected for head
 ``h`` in the same segment (and ``k <= p`` when causal). ``O(N^2)`` memory: for tests and tiny
