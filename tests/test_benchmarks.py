@@ -10,7 +10,7 @@ import torch
 import benchmarks
 
 SCRIPTS = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name != "common")
-CPU_SCRIPTS = {"cpu_memory", "reproduce_table2"}
+CPU_SCRIPTS = {"cpu_memory", "reproduce_table2", "sequence_parallel"}  # run on CPU too
 
 
 def run_main(monkeypatch, name, *argv):
