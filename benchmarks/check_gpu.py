@@ -106,25 +106,36 @@ def check_single(rows):
                              worst < BOUND[dtype]))
 
 
-def _sp_worker(rank, world, store, results):
+def _on_ranks(fn, world: int, *args):
+    """``[fn(rank, world, *args) for every rank]``, each rank its own process on this GPU, joined
+    by gloo (which runs its collectives on CUDA tensors); a string (the first error) if one fails."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "s"), results, fn, args))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        got = {}
+        for _ in range(world):
+            rank, status, value = results.get(timeout=300)
+            if status != "ok":
+                print(value, file=sys.stderr)
+                return value.splitlines()[0][:80]
+            got[rank] = torch.load(io.BytesIO(value), weights_only=True)
+        for p in procs:
+            p.join(timeout=30)
+    return [got[r] for r in range(world)]
+
+
+def _worker(rank, world, store, results, fn, args):
     import torch.distributed as dist
 
     torch.cuda.set_device(0)
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        out = []
-        for dtype in (torch.bfloat16, torch.float32):
-            for i, (b, n, h, d, ws, rs, causal) in enumerate(CASES):
-                q, k, v, dout = (_rand((b, n, h, d), torch.float64, 10 * i + j) for j in range(4))
-                lengths = [len(t) for t in torch.tensor_split(torch.arange(n), world)]
-                a = sum(lengths[:rank])
-                sl = slice(a, a + lengths[rank])
-                ql, kl, vl = (t[:, sl].to(dtype).contiguous().requires_grad_() for t in (q, k, v))
-                o = dilated_attention(ql, kl, vl, ws, rs, causal=causal, group=dist.group.WORLD)
-                grads = torch.autograd.grad(o, (ql, kl, vl), dout[:, sl].to(dtype))
-                out.append((o.detach().cpu(), *(g.cpu() for g in grads)))
         buf = io.BytesIO()  # as bytes: shared-memory handles would die with this process
-        torch.save(out, buf)
+        torch.save(fn(rank, world, *args), buf)
         results.put((rank, "ok", buf.getvalue()))
     except BaseException as e:  # noqa: BLE001
         results.put((rank, "error", f"{e}\n{traceback.format_exc()}"))
@@ -133,23 +144,28 @@ def _sp_worker(rank, world, store, results):
             dist.destroy_process_group()
 
 
+def _sp_ranks(rank, world):
+    import torch.distributed as dist
+
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for i, (b, n, h, d, ws, rs, causal) in enumerate(CASES):
+            q, k, v, dout = (_rand((b, n, h, d), torch.float64, 10 * i + j) for j in range(4))
+            lengths = [len(t) for t in torch.tensor_split(torch.arange(n), world)]
+            a = sum(lengths[:rank])
+            sl = slice(a, a + lengths[rank])
+            ql, kl, vl = (t[:, sl].to(dtype).contiguous().requires_grad_() for t in (q, k, v))
+            o = dilated_attention(ql, kl, vl, ws, rs, causal=causal, group=dist.group.WORLD)
+            grads = torch.autograd.grad(o, (ql, kl, vl), dout[:, sl].to(dtype))
+            out.append((o.detach().cpu(), *(g.cpu() for g in grads)))
+    return out
+
+
 def check_sequence_parallel(rows, world=2):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_sp_worker, args=(r, world, os.path.join(tmp, "s"), results)) for r in range(world)]
-        for p in procs:
-            p.start()
-        got = {}
-        for _ in range(world):
-            rank, status, value = results.get(timeout=300)
-            if status != "ok":
-                rows.append(("sequence parallel", "-", f"{world} procs", "FAILED: " + value.splitlines()[0][:80], False))
-                print(value, file=sys.stderr)
-                return
-            got[rank] = torch.load(io.BytesIO(value), weights_only=True)
-        for p in procs:
-            p.join(timeout=30)
+    got = _on_ranks(_sp_ranks, world)
+    if isinstance(got, str):
+        rows.append(("sequence parallel", "-", f"{world} procs", "FAILED: " + got, False))
+        return
     at = 0
     for dtype in (torch.bfloat16, torch.float32):
         worst = worst_same = 0.0
@@ -201,22 +217,12 @@ def time_paper_pattern(rows):
         del q, k, v, dout, out
 
 
-def _model_worker(rank, world, store, results, n):
+def _model_ranks(rank, world, n):
     import torch.distributed as dist
 
     from longnet_lightning import LongNet, LongNetConfig
 
-    torch.cuda.set_device(0)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        buf = io.BytesIO()
-        torch.save(_model_step(LongNetConfig, LongNet, n, rank, world, dist.group.WORLD), buf)
-        results.put((rank, "ok", buf.getvalue()))
-    except BaseException as e:  # noqa: BLE001
-        results.put((rank, "error", f"{e}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return _model_step(LongNetConfig, LongNet, n, rank, world, dist.group.WORLD)
 
 
 def _model_step(config_cls, model_cls, n, rank=0, world=1, group=None):
@@ -241,23 +247,10 @@ def check_model_step(rows, world=2, n=49152):
     segments span them) against one process on the whole 48K sequence."""
     from longnet_lightning import LongNet, LongNetConfig
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_model_worker, args=(r, world, os.path.join(tmp, "s"), results, n))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        got = {}
-        for _ in range(world):
-            rank, status, value = results.get(timeout=300)
-            if status != "ok":
-                rows.append(("125M step, 2 procs", "bf16", "-", "FAILED: " + value.splitlines()[0][:80], False))
-                print(value, file=sys.stderr)
-                return
-            got[rank] = torch.load(io.BytesIO(value), weights_only=True)
-        for p in procs:
-            p.join(timeout=30)
+    got = _on_ranks(_model_ranks, world, n)
+    if isinstance(got, str):
+        rows.append(("125M step, 2 procs", "bf16", "-", "FAILED: " + got, False))
+        return
     loss, grads = _model_step(LongNetConfig, LongNet, n)
     sp_loss = sum(got[r][0] for r in range(world))
     e = [abs(sp_loss.item() - loss.item()) / abs(loss.item())]
