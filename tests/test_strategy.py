@@ -16,10 +16,11 @@ from conftest import REPO, tiny_args
 pytestmark = pytest.mark.slow
 
 
-def _losses(root) -> list[float]:
+def _losses(root) -> list[tuple[float, float]]:
+    """``(train/loss, train/tokens)`` of every logged step."""
     (metrics,) = list(root.glob("lightning_logs/version_*/metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))
-    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    return [(float(r["train/loss"]), float(r["train/tokens"])) for r in rows if r.get("train/loss")]
 
 
 def _fit(root, corpus, cache, nproc: int, *extra: str) -> list[float]:
@@ -41,8 +42,8 @@ def test_sequence_parallel_fit_follows_one_process(tmp_path, tiny_corpus, cache_
               "longnet_lightning.distributed.SequenceParallelStrategy",
               "--trainer.strategy.sequence_parallel_size", "2")
     assert len(one) == len(sp) == 3
-    for a, b in zip(one, sp):
-        assert abs(a - b) <= 1e-4 * abs(a), (one, sp)
+    for (a, ta), (b, tb) in zip(one, sp):
+        assert abs(a - b) <= 1e-4 * abs(a) and ta == tb, (one, sp)  # tokens_seen counts each token once
 
 
 def test_data_parallel_fit_counts_every_token_once(tmp_path, tiny_corpus, cache_dir):
@@ -52,5 +53,5 @@ def test_data_parallel_fit_counts_every_token_once(tmp_path, tiny_corpus, cache_
     dp = _fit(tmp_path / "dp", tiny_corpus, cache_dir, 2, "--data.batch_size", "2", "--trainer.strategy",
               "longnet_lightning.distributed.SequenceParallelStrategy", "--trainer.strategy.sequence_parallel_size", "1")
     assert len(dp) == 3
-    for a, b in zip(one, dp):
-        assert abs(a - b) <= 1e-4 * abs(a), (one, dp)
+    for (a, ta), (b, tb) in zip(one, dp):
+        assert abs(a - b) <= 1e-4 * abs(a) and ta == tb, (one, dp)
