@@ -1,5 +1,4 @@
 """Every dilated-attention backend that runs here equals the dense reference of docs/semantics.md."""
-import contextlib
 import math
 import warnings
 
@@ -9,7 +8,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from longnet_lightning import DilatedAttention, DilationPattern, dilated_attention, dilated_attention_reference
-import longnet_lightning.attention.dilated as dil
 from longnet_lightning.attention.kernels import KERNELS
 from longnet_lightning.attention.plan import packed_plan
 from longnet_lightning.attention.settings import AttentionSettings

@@ -1,7 +1,6 @@
 """The LongNet model: presets, positions, chunked loss, checkpointing, causality, dense baseline."""
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch

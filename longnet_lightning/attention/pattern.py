@@ -83,8 +83,8 @@ class DilationPattern:
         return f"w={list(self.segment_lengths)} r={list(self.dilation_rates)}"
 
 
-def block_view(x: torch.Tensor, blk: Block) -> torch.Tensor:
-    """The rows of ``blk`` in ``x`` ``[B, N, H, *rest]`` as a strided view ``[Bt, L, G, *rest]``.
+def block_view(x: torch.Tensor, blk) -> torch.Tensor:
+    """The rows of ``blk`` (a :class:`.plan.Block`) in ``x`` ``[B, N, H, *rest]`` as a strided view ``[Bt, L, G, *rest]``.
 
     Requires ``x.stride(0) == N * x.stride(1)`` whenever the block folds batch and segments
     (true for any ``[B, N, ...]`` tensor whose batch rows are contiguous, see
