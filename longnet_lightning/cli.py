@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -37,7 +39,7 @@ from . import checkpoint as ckpt_format
 from .callbacks import LRMonitor, PredictionWriter
 from .lm import LongNetLM
 
-PARSER_MODE = "omegaconf"
+PARSER_MODE = "omegaconf+"  # interpolation after merging config files and command line
 DESCRIPTION = (
     "LongNet language models with PyTorch Lightning: fit, validate, test, predict "
     "(configs: --config recipes/<name>.yaml). Long-context perplexity tables: "
@@ -50,6 +52,103 @@ _LM_DEFAULTS = {k: p.default for k, p in inspect.signature(LongNetLM.__init__).p
 
 class CLIError(Exception):
     """A user error the CLI reports as one line (no traceback)."""
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+_UNION_NOISE = "Does not validate against any of the Union subtypes"
+
+
+def _own_error(ex: BaseException | None) -> BaseException | None:
+    """The innermost error in ``ex``'s chain that a constructor raised (not jsonargparse's
+    wrapping of it), e.g. ``seq_len=0 must be ...`` under "Does not validate against any of the
+    Union subtypes"; None if the chain holds only jsonargparse's own errors."""
+    found, seen = None, set()
+    while ex is not None and id(ex) not in seen:
+        seen.add(id(ex))
+        if isinstance(ex, CLIError):
+            return ex
+        tb = ex.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+        if _UNION_NOISE not in str(ex) and "jsonargparse" not in where and isinstance(ex, (ValueError, TypeError)):
+            found = ex
+        ex = ex.__cause__ or ex.__context__
+    return found
+
+
+def _section(message: str, own: BaseException | None = None) -> str:
+    """``data.`` / ``model.``: the part of the config an error belongs to, from the object whose
+    method raised ``own`` (a LightningDataModule or LightningModule), else from jsonargparse's message."""
+    from lightning.pytorch import LightningModule
+
+    tb = own.__traceback__ if own is not None else None
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, LightningDataModule):
+            return "data."
+        if isinstance(obj, LightningModule):
+            return "model."
+        tb = tb.tb_next
+    head = message.split("Errors:", 1)[0]
+    if "Subtypes:" in head:
+        return "data." if "datamodule" in head.lower() or ".data." in head else "model."
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    return f"{keys[0]}." if keys and keys[0] in ("data", "model") else ""
+
+
+def one_line(message: str, ex: BaseException | None = None) -> str:
+    """A configuration error as one line that names the setting, the value and what is valid.
+
+    jsonargparse reports a bad value inside ``model``/``data`` as a many-line "Does not
+    validate against any of the Union subtypes ... Given value: Namespace(...)"; the useful part
+    is the constructor's own message (``seq_len=0 must be an integer >= 1.``), or the innermost
+    ``Parser key "x": Expected a <class 'int'>. Got value: y`` / ``Option 'x' is not accepted``.
+    """
+    own = _own_error(ex)
+    if own is not None and not isinstance(own, CLIError):
+        text = " ".join(str(own).split())
+        section = _section(message, own)
+        if section and re.match(r"[a-z_]+[= ]", text) and not text.startswith(("need ", "the ", "no ")):
+            text = section + text  # "seq_len=0 must be ..." -> "data.seq_len=0 must be ..."
+        return text
+    if own is not None:
+        return str(own)
+    keys = [k for k in re.findall(r'Parser key "([^"]+)"', message) if k != "init_args"]
+    path = ".".join(k.replace(".init_args", "") for k in keys)
+    bad_type = re.search(r"Expected a <class '([\w.]+)'>\. Got value: (.*)", message)
+    if _UNION_NOISE in message or keys:
+        section = _section(message)
+        if bad_type and bad_type.group(1) != "NoneType":
+            name = path if path.startswith(section) else section + path.split(".", 1)[-1] if section else path
+            return f"{name}={bad_type.group(2).strip()!r} is not valid: expected {_type_word(bad_type.group(1))}"
+        option = re.search(r"Option '([^']+)' is not accepted", message)
+        if option:
+            owner = re.search(r"class_path '([^']+)'", message)
+            return (f"{section}{option.group(1)} is not a setting of {owner.group(1) if owner else section[:-1]}; "
+                    "see --help for the valid ones")
+        choice = re.search(r"Expected a (typing\.Literal\[.*?\]|<enum .*?>)\. Got value: (.*)", message)
+        if choice:
+            return f"{path}={choice.group(2).strip()!r} is not valid: expected one of {choice.group(1)}"
+    text = " ".join(message.split())
+    if "unrecognized arguments" in text:
+        text += " (see --help for the valid ones)"
+    return text
+
+
+def _type_word(name: str) -> str:
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(name, name)
+
+
+class LongNetArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one line (:func:`one_line`), raised as
+    :class:`CLIError` (set ``LONGNET_DEBUG=1`` for jsonargparse's own report)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV):
+            return super().error(message, ex)
+        raise CLIError(one_line(message, ex))
 
 
 class LongNetCLI(LightningCLI):
@@ -66,7 +165,8 @@ class LongNetCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 1234)
-        kwargs.setdefault("auto_configure_optimizers", False)  # LongNetLM configures AdamW + schedule itself
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", LongNetArgumentParser)  # LongNetLM configures AdamW + schedule itself
         mode = {"parser_mode": PARSER_MODE}
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         for key in (None, *SUBCOMMANDS):  # subcommand parsers do not inherit the parser mode
@@ -76,6 +176,10 @@ class LongNetCLI(LightningCLI):
             else:
                 parser_kwargs[key] = {**mode, **parser_kwargs.get(key, {})}
         kwargs["parser_kwargs"] = parser_kwargs
+        # omegaconf+ resolves ${...} after merging every source, so an interpolation in a recipe
+        # follows a command-line override; a recipe's absolute paths (${trainer.x}) are relative
+        # to the subcommand's config, which is what this setting makes them
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         self._ckpt_hparams: dict | None = None
         try:
             super().__init__(*args, **kwargs)
@@ -89,7 +193,7 @@ class LongNetCLI(LightningCLI):
                 raise cause from None
             if os.environ.get(DEBUG_ENV):
                 raise
-            raise CLIError(f"{e}  (set {DEBUG_ENV}=1 for the traceback)") from e
+            raise CLIError(f"{one_line(str(e), e)}  (set {DEBUG_ENV}=1 for the traceback)") from e
 
     # ------------------------------------------------------------------ parser
 
@@ -216,7 +320,7 @@ class LongNetCLI(LightningCLI):
         except (ValueError, FileNotFoundError) as e:
             if os.environ.get(DEBUG_ENV):
                 raise
-            raise CLIError(f"{e}  (set {DEBUG_ENV}=1 for the traceback)") from e
+            raise CLIError(f"{one_line(str(e), e)}  (set {DEBUG_ENV}=1 for the traceback)") from e
 
 
 def run_root(ckpt_path: str | os.PathLike) -> str:
@@ -254,7 +358,7 @@ def cli_main(args: list[str] | dict | None = None, **kwargs: Any) -> LongNetCLI:
     try:
         return LongNetCLI(args=args, **kwargs)
     except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

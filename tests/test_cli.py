@@ -148,9 +148,11 @@ def test_impossible_data_settings_are_named(tmp_path, tiny_corpus, cache_dir, se
         run("fit", tmp_path, tiny_corpus, cache_dir, f"--data.{setting}", value)
 
 
-def test_warmup_longer_than_training_is_named(tmp_path, tiny_corpus, cache_dir):
-    with pytest.raises(CLIError, match="warmup_steps=50"):
-        run("fit", tmp_path, tiny_corpus, cache_dir, "--model.warmup_steps", "50", "--trainer.logger", "false")
+def test_warmup_longer_than_training_is_shortened(tmp_path, tiny_corpus, cache_dir):
+    with pytest.warns(UserWarning, match=r"model.warmup_steps=50 is longer than the schedule \(trainer.max_steps = 4\)"):
+        cli = run("fit", tmp_path, tiny_corpus, cache_dir, "--model.warmup_steps", "50", "--trainer.logger", "false")
+    assert cli.trainer.global_step == 4
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0](3) == pytest.approx(1.0)
 
 
 def test_evaluate_is_dispatched(monkeypatch):

@@ -157,7 +157,9 @@ class LongTextDataModule(L.LightningDataModule):
         train = TrainWindows(split, T, cache.eos_id, pack)
         tokens = int(split.lengths.sum())
         if train.skipped_docs and not pack:
-            rank_zero_warn(
+            # a warning only when it matters (>= 1% of the tokens); the stdlib corpus skips ~0.01%
+            say = rank_zero_warn if train.skipped_tokens >= 0.01 * max(1, tokens) else rank_zero_info
+            say(
                 f"{train.skipped_docs} of {len(split.lengths)} training documents are shorter than "
                 f"seq_len + 1 = {T + 1} tokens and are skipped ({train.skipped_tokens} tokens, "
                 f"{train.skipped_tokens / max(1, tokens):.1%} of the training tokens); "
