@@ -249,7 +249,9 @@ class LongNetCLI(LightningCLI):
         if not sub:
             return
         ckpt_path = self.config[sub].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
+        if ckpt_path == "last" or (ckpt_path and os.path.isdir(os.path.expanduser(str(ckpt_path)))):
+            ckpt_path = self._resolve_last(sub, ckpt_path)
+        if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
             return
         model_cfg = self.config[sub].get("model")
         named = model_cfg.get("class_path") if model_cfg is not None else None
@@ -279,6 +281,30 @@ class LongNetCLI(LightningCLI):
             self.config = self.parser.parse_object({sub: {"model": model_update}}, self.config)
         except SystemExit:
             raise CLIError(f"the model hyperparameters stored in ckpt_path={ckpt_path!r} do not parse") from None
+
+    def _resolve_last(self, sub: str, given: str) -> str:
+        """``--ckpt_path last`` (or a run folder): the newest ``last.ckpt`` of the run's root.
+
+        ``last`` looks under ``checkpoint.dirpath`` when set, else under
+        ``<trainer.default_root_dir or the working directory>/lightning_logs/version_*/checkpoints/``;
+        a folder given as ``--ckpt_path runs/quickstart`` is searched the same way. The newest
+        file (by modification time) wins, so failed or repeated runs never make the path stale;
+        with none, a one-line error names where it looked (never a silent restart)."""
+        cfg = self.config[sub]
+        if given == "last":
+            dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
+            root = (cfg.get("trainer") or {}).get("default_root_dir") or os.getcwd()
+            folders = [Path(dirpath)] if dirpath else [Path(root)]
+        else:
+            folders = [Path(given).expanduser()]
+        found = newest_last_checkpoint(*folders)
+        if found is None:
+            where = " or ".join(f"{f}/last.ckpt, {f}/lightning_logs/version_*/checkpoints/last.ckpt" for f in folders)
+            raise CLIError(f"ckpt_path={given!r}: no last.ckpt found (looked in {where}); train first, set "
+                           "--trainer.default_root_dir to the run's root, or pass the checkpoint file")
+        rank_zero_info(f"ckpt_path={given!r}: resuming from the newest last.ckpt, {found}")
+        self.config[sub]["ckpt_path"] = str(found)
+        return str(found)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -323,6 +349,19 @@ class LongNetCLI(LightningCLI):
             raise CLIError(f"{one_line(str(e), e)}  (set {DEBUG_ENV}=1 for the traceback)") from e
 
 
+def newest_last_checkpoint(*roots: str | os.PathLike) -> Path | None:
+    """The most recently written ``last.ckpt`` directly in, or in any run under, ``roots``:
+    ``<root>/last.ckpt``, ``<root>/checkpoints/last.ckpt`` and
+    ``<root>/lightning_logs/version_*/checkpoints/last.ckpt``; None if there is none."""
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root).expanduser()
+        found += [root / "last.ckpt", root / "checkpoints" / "last.ckpt"]
+        found += root.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    found = [p for p in found if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def run_root(ckpt_path: str | os.PathLike) -> str:
     """The root of the run that saved ``ckpt_path``: ``<root>/lightning_logs/version_N/checkpoints/x.ckpt``
     gives ``<root>``; a checkpoint elsewhere gives its own folder."""
@@ -362,4 +401,4 @@ def cli_main(args: list[str] | dict | None = None, **kwargs: Any) -> LongNetCLI:
         raise SystemExit(2) from None
 
 
-__all__ = ["CLIError", "LongNetCLI", "cli_main", "default_loggers", "run_root"]
+__all__ = ["CLIError", "LongNetCLI", "cli_main", "default_loggers", "newest_last_checkpoint", "one_line", "run_root"]

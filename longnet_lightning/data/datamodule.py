@@ -216,7 +216,24 @@ class LongTextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")
         sampler = RandomWindowSampler(ds, self.train_samples, seed=self.hparams.seed, **self._shard())
-        return ResumableDataLoader(ds, sampler=sampler, **self._loader_kwargs())
+        loader = ResumableDataLoader(ds, sampler=sampler, **self._loader_kwargs())
+        self._fit_val_interval_to_epoch(len(loader))
+        return loader
+
+    def _fit_val_interval_to_epoch(self, batches: int) -> None:
+        """An integer ``trainer.val_check_interval`` longer than an epoch (a small corpus under a
+        recipe's interval) counts training batches across epochs instead of failing in Lightning:
+        ``check_val_every_n_epoch`` becomes None, with a note."""
+        trainer = getattr(self, "trainer", None)
+        interval = getattr(trainer, "val_check_interval", None)
+        if (isinstance(interval, bool) or not isinstance(interval, int) or interval <= batches
+                or trainer.check_val_every_n_epoch is None):
+            return
+        trainer.check_val_every_n_epoch = None
+        rank_zero_info(
+            f"trainer.val_check_interval={interval} is longer than an epoch ({batches} training batches): "
+            f"validating every {interval} training batches across epochs (check_val_every_n_epoch=None)"
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation windows; an empty list (no validation) when val_fraction is 0."""
