@@ -2,6 +2,7 @@
 corpora, interpolations that follow overrides, quiet defaults."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -87,3 +88,49 @@ def test_recipe_interpolation_follows_the_command_line(capsys):
         LongNetCLI(args=["fit", "--config", QUICKSTART, "--trainer.val_check_interval", "7", "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["trainer"]["val_check_interval"] == 7 and cfg["checkpoint"]["every_n_train_steps"] == 7
+
+
+# ----------------------------------------------------------------------------- 4. corpora as users hold them
+
+
+def _book(path, chapters: int = 60):
+    words = "call me ishmael some years ago never mind how long precisely having little money".split()
+    path.write_text("".join(f"Chapter {i}. " + " ".join(words[(i + j) % len(words)] for j in range(60)) + "\n"
+                            for i in range(chapters)))
+    return path
+
+
+def test_one_text_file_is_a_corpus_with_one_flag(tmp_path, cache_dir, caplog):
+    """One book: validation and test are token ranges (the log says so); the recipe's interval of
+    100 steps is longer than the epoch and adapts with a note."""
+    book = _book(tmp_path / "book.txt")
+    caplog.set_level(logging.INFO)
+    cli = LongNetCLI(args=["fit", "--config", QUICKSTART, "--data.data_path", str(book), "--data.cache_dir",
+                           str(cache_dir), "--data.seq_len", "64", "--trainer.max_steps", "2",
+                           "--model.warmup_steps", "1", "--trainer.default_root_dir", str(tmp_path / "runs"),
+                           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    assert cli.trainer.global_step == 2
+    log = caplog.text
+    assert "1 documents are too few for document-level splits" in log and "carved from token ranges" in log
+    assert "is longer than an epoch" in log
+    cache = cli.datamodule._token_cache()
+    sizes = {s: cache.split(s).n_tokens for s in ("train", "val", "test")}
+    total = sum(sizes.values())
+    assert sizes["val"] == pytest.approx(0.05 * total, abs=3) and sizes["test"] == pytest.approx(0.05 * total, abs=3)
+    assert cache.split("val").names == ["book.txt@val"]
+    dm = cli.datamodule
+    dm.setup("test")
+    assert len(dm.datasets["test"]) > 0
+
+
+def test_few_documents_with_a_large_val_fraction(tmp_path, cache_dir):
+    from conftest import write_tiny_corpus
+
+    from longnet_lightning.data import LongTextDataModule
+
+    corpus = write_tiny_corpus(tmp_path / "seven", n_docs=7)
+    dm = LongTextDataModule(corpus, seq_len=16, batch_size=2, val_fraction=0.3, cache_dir=str(cache_dir))
+    dm.setup("fit")
+    cache = dm._token_cache()
+    assert cache.index["split_mode"] in ("documents", "tokens")
+    assert all(cache.split(s).n_tokens > 0 for s in ("train", "val", "test"))

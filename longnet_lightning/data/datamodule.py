@@ -23,8 +23,10 @@ class LongTextDataModule(L.LightningDataModule):
     Args:
         data_path: file, folder (recursive) or glob, or a list of them; None = the Python standard
             library's own sources (see `sources.stdlib_corpus_files`).
-        format: 'auto' (.jsonl = JSON Lines, else plain text), 'text' or 'jsonl'.
-        text_field: JSON Lines field holding the text.
+        format: 'auto' (.jsonl = JSON Lines, .parquet = Parquet, a folder from Hugging Face
+            ``save_to_disk`` = that dataset, else plain text), 'text', 'jsonl', 'parquet' or 'hf'
+            (Parquet needs the ``[parquet]`` extra, pyarrow; datasets the ``[hf]`` extra).
+        text_field: JSON Lines field / Parquet or dataset column holding the text.
         tokenizer: 'byte' (256 bytes + EOS), 'bpe' (byte-level BPE trained on the training split), or
             a path to a Hugging Face tokenizer.json.
         bpe_vocab_size: vocabulary size for tokenizer='bpe'.
@@ -134,6 +136,13 @@ class LongTextDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"token cache {self._cache.path} holds id {self._cache.index['max_id']} but the tokenizer's "
                     f"vocab_size is {self.vocab_size}; delete that folder and fix the tokenizer file."
+                )
+            if self._cache.index.get("split_mode") == "tokens":
+                v, t = self.hparams.val_fraction, self.hparams.test_fraction
+                rank_zero_info(
+                    f"data: {self._cache.index.get('n_documents', '?')} documents are too few for document-level "
+                    f"splits (val_fraction={v}, test_fraction={t}), so validation and test are carved from token "
+                    f"ranges: the last {v + t:.0%} of every document's tokens ({v:.0%} val, then {t:.0%} test)"
                 )
         return self._cache
 
