@@ -25,18 +25,19 @@ import inspect
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import checkpoint as ckpt_format
-from .callbacks import LRMonitor, PredictionWriter
+from .callbacks import LRMonitor, PredictionWriter, ResumeAwareProgressBar
 from .lm import LongNetLM
 
 PARSER_MODE = "omegaconf+"  # interpolation after merging config files and command line
@@ -47,6 +48,16 @@ DESCRIPTION = (
 )
 DEBUG_ENV = "LONGNET_DEBUG"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# generation settings: outside fit, those left at LongNetLM's defaults come from the checkpoint
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "generation_seed", "stop_at_eos")
+# warnings that say nothing to the user of this CLI (Lightning and torch internals)
+QUIET = (
+    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning calling a deprecated torch API
+)
+QUIET_OUTSIDE_FIT = (
+    # the checkpoint's own ModelCheckpoint state: irrelevant when only the weights are used
+    r".*callbacks used to create the checkpoint need to be provided.*",
+)
 _LM_DEFAULTS = {k: p.default for k, p in inspect.signature(LongNetLM.__init__).parameters.items()}
 
 
@@ -251,6 +262,8 @@ class LongNetCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path")
         if ckpt_path == "last" or (ckpt_path and os.path.isdir(os.path.expanduser(str(ckpt_path)))):
             ckpt_path = self._resolve_last(sub, ckpt_path)
+        if sub == "predict" and not ckpt_path:
+            self._predict_without_checkpoint()
         if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
             return
         model_cfg = self.config[sub].get("model")
@@ -274,6 +287,11 @@ class LongNetCLI(LightningCLI):
             if given is not None and given != hparams[key] and given != _LM_DEFAULTS.get(key):
                 rank_zero_warn(f"model.{key}={given!r} is ignored: the checkpoint's {key}={hparams[key]!r} is used")
             update[key] = hparams[key]
+        if sub != "fit":  # sampling settings left at their defaults follow the checkpoint's
+            for key in SAMPLING_KEYS:
+                given = init.get(key, _LM_DEFAULTS[key]) if init is not None else _LM_DEFAULTS[key]
+                if key in hparams and given == _LM_DEFAULTS[key] and hparams[key] != given:
+                    update[key] = hparams[key]
         model_update: dict[str, Any] = {"init_args": update}
         if class_path is not None:
             model_update["class_path"] = class_path
@@ -281,6 +299,17 @@ class LongNetCLI(LightningCLI):
             self.config = self.parser.parse_object({sub: {"model": model_update}}, self.config)
         except SystemExit:
             raise CLIError(f"the model hyperparameters stored in ckpt_path={ckpt_path!r} do not parse") from None
+
+    def _predict_without_checkpoint(self) -> None:
+        """``predict`` with no ``--ckpt_path``: an error saying to pass one, unless the data names a
+        tokenizer (then the untrained weights are sampled, with a warning)."""
+        data = self.config["predict"].get("data") or {}
+        init = data.get("init_args") or {}
+        if init.get("tokenizer") is None and "tokenizer" in init:
+            raise CLIError("predict needs a trained model: pass --ckpt_path with a checkpoint file or a run folder "
+                           "(e.g. --ckpt_path runs/quickstart, or --ckpt_path last with --trainer.default_root_dir)")
+        rank_zero_warn("predict without --ckpt_path samples from untrained (random) weights; pass --ckpt_path "
+                       "with a checkpoint file or a run folder to sample from a trained model")
 
     def _resolve_last(self, sub: str, given: str) -> str:
         """``--ckpt_path last`` (or a run folder): the newest ``last.ckpt`` of the run's root.
@@ -302,7 +331,8 @@ class LongNetCLI(LightningCLI):
             where = " or ".join(f"{f}/last.ckpt, {f}/lightning_logs/version_*/checkpoints/last.ckpt" for f in folders)
             raise CLIError(f"ckpt_path={given!r}: no last.ckpt found (looked in {where}); train first, set "
                            "--trainer.default_root_dir to the run's root, or pass the checkpoint file")
-        rank_zero_info(f"ckpt_path={given!r}: resuming from the newest last.ckpt, {found}")
+        doing = "resuming from" if sub == "fit" else "using"
+        rank_zero_info(f"ckpt_path={given!r}: {doing} the newest last.ckpt, {found}")
         self.config[sub]["ckpt_path"] = str(found)
         return str(found)
 
@@ -336,11 +366,18 @@ class LongNetCLI(LightningCLI):
                 kwargs["default_root_dir"] = root
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = default_loggers(root)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for i, cb in enumerate(trainer.callbacks):  # Lightning's default bar -> one that knows its total on resume
+            if type(cb) is TQDMProgressBar:
+                trainer.callbacks[i] = ResumeAwareProgressBar(refresh_rate=cb.refresh_rate, leave=cb._leave)
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
-            super()._run_subcommand(subcommand)
+            with warnings.catch_warnings():
+                for message in QUIET + (QUIET_OUTSIDE_FIT if subcommand != "fit" else ()):
+                    warnings.filterwarnings("ignore", message=message)
+                super()._run_subcommand(subcommand)
         except CLIError:
             raise
         except (ValueError, FileNotFoundError) as e:

@@ -134,3 +134,65 @@ def test_few_documents_with_a_large_val_fraction(tmp_path, cache_dir):
     cache = dm._token_cache()
     assert cache.index["split_mode"] in ("documents", "tokens")
     assert all(cache.split(s).n_tokens > 0 for s in ("train", "val", "test"))
+
+
+# ----------------------------------------------------------------------------- 6. predict
+
+
+def test_predict_uses_the_checkpoints_sampling_settings(tmp_path, tiny_corpus, cache_dir):
+    root = tmp_path / "runs"
+    LongNetCLI(args=["fit", *tiny_args(root, tiny_corpus, cache_dir, steps=1), "--model.temperature", "0.5",
+                     "--model.top_k", "7", "--model.max_new_tokens", "3"])
+    common = ["predict", "--ckpt_path", str(root), "--data.prompts", '["ab"]', "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--prediction_writer.stdout", "false"]
+    hp = LongNetCLI(args=common).model.hparams
+    assert (hp.temperature, hp.top_k, hp.max_new_tokens) == (0.5, 7, 3)
+    hp = LongNetCLI(args=[*common, "--model.top_k", "2"]).model.hparams  # an override wins
+    assert (hp.temperature, hp.top_k) == (0.5, 2)
+
+
+def test_predict_without_a_checkpoint(tmp_path):
+    with pytest.raises(CLIError, match="predict needs a trained model: pass --ckpt_path"):
+        LongNetCLI(args=["predict", "--data.prompts", '["ab"]', "--trainer.logger", "false"])
+    with pytest.warns(UserWarning, match="samples from untrained"):
+        LongNetCLI(args=["predict", "--data.prompts", '["ab"]', "--data.tokenizer", "byte", "--model.max_new_tokens",
+                         "2", "--trainer.enable_progress_bar", "false", "--prediction_writer.stdout", "false"])
+
+
+def test_predict_prints_no_checkpoint_notice(tmp_path, tiny_corpus, cache_dir):
+    root = tmp_path / "runs"
+    LongNetCLI(args=["fit", *tiny_args(root, tiny_corpus, cache_dir, steps=1)])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        LongNetCLI(args=["predict", "--ckpt_path", str(root), "--data.prompts", '["ab"]', "--model.max_new_tokens", "2",
+                         "--trainer.enable_progress_bar", "false", "--prediction_writer.stdout", "false"])
+    noise = [str(w.message) for w in seen if "callbacks used to create" in str(w.message) or "LeafSpec" in str(w.message)]
+    assert not noise
+
+
+# ----------------------------------------------------------------------------- 8. quiet defaults
+
+
+def test_the_progress_bar_knows_its_total_after_a_resume(tmp_path, tiny_corpus, cache_dir):
+    root = tmp_path / "runs"
+    bar = ("--trainer.enable_progress_bar", "true", "--data.samples_per_epoch", "400")
+    LongNetCLI(args=["fit", *tiny_args(root, tiny_corpus, cache_dir, steps=2), *bar])
+    cli = LongNetCLI(args=["fit", *tiny_args(root, tiny_corpus, cache_dir, steps=5), *bar, "--ckpt_path", "last"])
+    progress = cli.trainer.progress_bar_callback.train_progress_bar
+    assert progress.total == 5 and progress.n == 5 and progress.desc.startswith("Epoch 0")
+
+
+def test_skipping_a_tiny_share_of_the_training_tokens_is_not_a_warning(tmp_path, cache_dir):
+    from longnet_lightning.data import LongTextDataModule
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"long{i}.txt").write_text("x" * 2000)
+    (corpus / "short.txt").write_text("tiny")
+    dm = LongTextDataModule(str(corpus), seq_len=64, batch_size=2, val_fraction=0.0, test_fraction=0.0,
+                            cache_dir=str(cache_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.setup("fit")
+    assert dm.datasets["train"].skipped_docs == 1
