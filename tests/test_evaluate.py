@@ -281,3 +281,26 @@ def test_module_entry_point_reports_bad_input_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_contexts_beyond_the_models_reach_are_named_and_marked(tmp_path, capsys):
+    """A context longer than the longest segment (or the training length) gets a note, in the
+    log and in table.md; the plot marks both lengths and shows the targets per bucket."""
+    from test_evaluation_golden import fixed_checkpoint
+
+    docs, ckpt = fixed_checkpoint(tmp_path)
+    longest = max(LongNetLM.load_from_checkpoint(ckpt).config.segment_lengths)
+    out = tmp_path / "eval"
+    code, _, stderr = run_cli(capsys, "--ckpt_path", ckpt, "--data_path", docs, "--context_lengths", 32, 2 * longest,
+                              "--out_dir", out, "--cache_dir", tmp_path / "cache", "--pack_documents")
+    assert code == 0, stderr
+    assert f"exceeds its longest segment {longest:,}" in stderr and "never crosses a segment boundary" in stderr
+    assert "exceeds its training length 64 (seq_len)" in stderr
+    assert "exceeds its longest segment" in (out / "table.md").read_text()
+    report = json.loads((out / "results.json").read_text())
+    assert report["models"][0]["longest_segment"] == longest
+    from PIL import Image
+
+    with Image.open(out / "loss_by_position.png") as img:
+        markers = json.loads(img.text["Markers"])
+    assert {(m["kind"], m["position"]) for m in markers} == {("training length", 64), ("longest segment", longest)}

@@ -176,6 +176,30 @@ class Checkpoint:
             return None
         return dict(dm)
 
+    @property
+    def longest_segment(self) -> int | None:
+        """The longest segment of dilated attention: no attention crosses its boundaries, so no
+        token sees further back than this (None for dense attention: the whole window)."""
+        if self.config.attention != "dilated" or not self.config.segment_lengths:
+            return None
+        return int(max(self.config.segment_lengths))
+
+    def context_notes(self, name: str, contexts: list[int]) -> list[str]:
+        """What a context longer than the model can attend to (or than it was trained at) measures."""
+        out = []
+        w, trained = self.longest_segment, self.train_seq_len
+        beyond = [n for n in contexts if w is not None and n > w]
+        if beyond:
+            out.append(f"{name}: context {', '.join(context_label(n) for n in beyond)} exceeds its longest segment "
+                       f"{w:,} (segment_lengths {list(self.config.segment_lengths)}): dilated attention never crosses "
+                       f"a segment boundary, so no target sees more than {w:,} tokens and these columns measure "
+                       f"the same reach as {context_label(w)}")
+        longer = [n for n in contexts if trained and n > trained]
+        if longer:
+            out.append(f"{name}: context {', '.join(context_label(n) for n in longer)} exceeds its training length "
+                       f"{trained:,} (seq_len): positions past it were never trained")
+        return out
+
     def default_name(self) -> str:
         kind = "LongNet" if self.config.attention == "dilated" else "Transformer"
         return f"{kind} {context_label(self.train_seq_len)}" if self.train_seq_len else kind
@@ -197,6 +221,7 @@ class Checkpoint:
         }
         if cfg.attention == "dilated":
             out["segment_lengths"], out["dilation_rates"] = list(cfg.segment_lengths), list(cfg.dilation_rates)
+            out["longest_segment"] = self.longest_segment
         if self.limit is not None:
             out["max_context_length"] = self.limit
         return out
@@ -485,6 +510,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                  f"{n + 1:,} tokens; each is scored as one shorter window")
     if len(data_by_tokenizer) > 1:
         _log("note: the checkpoints use different tokenizers; compare them by bits per byte, not perplexity")
+    context_notes = {name: c.context_notes(name, contexts) for name, c in zip(names, ckpts)}
+    for lines in context_notes.values():
+        for line in lines:
+            _log(f"note: {line}")
 
     edges = bucket_edges(max(contexts), args.buckets_per_doubling)
     models = []
@@ -505,7 +534,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             results.append({**res.summary(), "buckets": res.buckets(edges)})
         info = c.info()
         models.append({"name": name, **info, "precision": _precision_used(args.precision, device),
-                       "cap": data.cap, "results": results})
+                       "cap": data.cap, "context_notes": context_notes[name], "results": results})
         del net
         gc.collect()
         if device.type == "cuda":
