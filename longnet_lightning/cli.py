@@ -83,30 +83,31 @@ def _own_error(ex: BaseException | None) -> BaseException | None:
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         where = tb.tb_frame.f_code.co_filename if tb is not None else ""
-        if _UNION_NOISE not in str(ex) and "jsonargparse" not in where and isinstance(ex, (ValueError, TypeError)):
+        if _UNION_NOISE not in str(ex) and "jsonargparse" not in where and isinstance(ex, (ValueError, TypeError,
+                                                                                          OSError)):
             found = ex
         ex = ex.__cause__ or ex.__context__
     return found
 
 
-def _section(message: str, own: BaseException | None = None) -> str:
-    """``data.`` / ``model.``: the part of the config an error belongs to, from the object whose
-    method raised ``own`` (a LightningDataModule or LightningModule), else from jsonargparse's message."""
+def _section(message: str, own: BaseException | None = None) -> tuple[str, set[str]]:
+    """``("data.", its settings)`` / ``("model.", ...)``: the part of the config an error belongs
+    to, from the object whose method raised ``own`` (a LightningDataModule or LightningModule),
+    else from jsonargparse's message (with no settings known)."""
     from lightning.pytorch import LightningModule
 
     tb = own.__traceback__ if own is not None else None
     while tb is not None:
         obj = tb.tb_frame.f_locals.get("self")
-        if isinstance(obj, LightningDataModule):
-            return "data."
-        if isinstance(obj, LightningModule):
-            return "model."
+        for base, name in ((LightningDataModule, "data."), (LightningModule, "model.")):
+            if isinstance(obj, base):
+                return name, set(inspect.signature(type(obj).__init__).parameters) - {"self"}
         tb = tb.tb_next
     head = message.split("Errors:", 1)[0]
     if "Subtypes:" in head:
-        return "data." if "datamodule" in head.lower() or ".data." in head else "model."
+        return ("data." if "datamodule" in head.lower() or ".data." in head else "model."), set()
     keys = re.findall(r'Parser key "([^"]+)"', message)
-    return f"{keys[0]}." if keys and keys[0] in ("data", "model") else ""
+    return (f"{keys[0]}." if keys and keys[0] in ("data", "model") else ""), set()
 
 
 def one_line(message: str, ex: BaseException | None = None) -> str:
@@ -120,8 +121,9 @@ def one_line(message: str, ex: BaseException | None = None) -> str:
     own = _own_error(ex)
     if own is not None and not isinstance(own, CLIError):
         text = " ".join(str(own).split())
-        section = _section(message, own)
-        if section and re.match(r"[a-z_]+[= ]", text) and not text.startswith(("need ", "the ", "no ")):
+        section, settings = _section(message, own)
+        first = re.match(r"([a-z_]+)[= ]", text)
+        if section and first and first.group(1) in settings:
             text = section + text  # "seq_len=0 must be ..." -> "data.seq_len=0 must be ..."
         return text
     if own is not None:
@@ -130,7 +132,7 @@ def one_line(message: str, ex: BaseException | None = None) -> str:
     path = ".".join(k.replace(".init_args", "") for k in keys)
     bad_type = re.search(r"Expected a <class '([\w.]+)'>\. Got value: (.*)", message)
     if _UNION_NOISE in message or keys:
-        section = _section(message)
+        section = _section(message)[0]
         if bad_type and bad_type.group(1) != "NoneType":
             name = path if path.startswith(section) else section + path.split(".", 1)[-1] if section else path
             return f"{name}={bad_type.group(2).strip()!r} is not valid: expected {_type_word(bad_type.group(1))}"

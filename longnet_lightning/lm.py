@@ -144,7 +144,8 @@ class LongNetLM(L.LightningModule):
         _positive_int("top_k", top_k, allow_none=True)
         _positive_int("decay_steps", decay_steps, allow_none=True)
         if not (lr > 0 and 0 <= min_lr <= lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={lr}, min_lr={min_lr}")
+            bad = f"lr={lr!r} must be > 0" if not lr > 0 else f"min_lr={min_lr!r} must be in [0, lr={lr!r}]"
+            raise ValueError(f"{bad} (the peak learning rate and the one at the end of the decay)")
         if warmup_steps < 0 or weight_decay < 0 or decay_power <= 0 or temperature < 0:
             raise ValueError(
                 f"warmup_steps={warmup_steps} and weight_decay={weight_decay} must be >= 0, "

@@ -88,8 +88,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one ``error:`` line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m longnet_lightning evaluate",
         description="Perplexity, mean NLL and bits per byte of checkpoints at several context lengths, "
         "and the loss by position in the context (table, CSV, PNG).",
