@@ -328,7 +328,7 @@ class LongNetCLI(LightningCLI):
             folders = [Path(dirpath)] if dirpath else [Path(root)]
         else:
             folders = [Path(given).expanduser()]
-        found = newest_last_checkpoint(*folders)
+        found = ckpt_format.newest_last_checkpoint(*folders)
         if found is None:
             where = " or ".join(f"{f}/last.ckpt, {f}/lightning_logs/version_*/checkpoints/last.ckpt" for f in folders)
             raise CLIError(f"ckpt_path={given!r}: no last.ckpt found (looked in {where}); train first, set "
@@ -388,19 +388,6 @@ class LongNetCLI(LightningCLI):
             raise CLIError(f"{one_line(str(e), e)}  (set {DEBUG_ENV}=1 for the traceback)") from e
 
 
-def newest_last_checkpoint(*roots: str | os.PathLike) -> Path | None:
-    """The most recently written ``last.ckpt`` directly in, or in any run under, ``roots``:
-    ``<root>/last.ckpt``, ``<root>/checkpoints/last.ckpt`` and
-    ``<root>/lightning_logs/version_*/checkpoints/last.ckpt``; None if there is none."""
-    found: list[Path] = []
-    for root in roots:
-        root = Path(root).expanduser()
-        found += [root / "last.ckpt", root / "checkpoints" / "last.ckpt"]
-        found += root.glob("lightning_logs/version_*/checkpoints/last.ckpt")
-    found = [p for p in found if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
-
-
 def run_root(ckpt_path: str | os.PathLike) -> str:
     """The root of the run that saved ``ckpt_path``: ``<root>/lightning_logs/version_N/checkpoints/x.ckpt``
     gives ``<root>``; a checkpoint elsewhere gives its own folder."""
@@ -440,4 +427,4 @@ def cli_main(args: list[str] | dict | None = None, **kwargs: Any) -> LongNetCLI:
         raise SystemExit(2) from None
 
 
-__all__ = ["CLIError", "LongNetCLI", "cli_main", "default_loggers", "newest_last_checkpoint", "one_line", "run_root"]
+__all__ = ["CLIError", "LongNetCLI", "cli_main", "default_loggers", "one_line", "run_root"]

@@ -304,3 +304,20 @@ def test_contexts_beyond_the_models_reach_are_named_and_marked(tmp_path, capsys)
     with Image.open(out / "loss_by_position.png") as img:
         markers = json.loads(img.text["Markers"])
     assert {(m["kind"], m["position"]) for m in markers} == {("training length", 64), ("longest segment", longest)}
+
+
+def test_a_run_folder_is_its_newest_last_checkpoint(tmp_path, capsys):
+    import shutil
+
+    from test_evaluation_golden import fixed_checkpoint
+
+    docs, ckpt = fixed_checkpoint(tmp_path)
+    run = tmp_path / "run" / "lightning_logs" / "version_3" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copy(ckpt, run / "last.ckpt")
+    code, _, stderr = run_cli(capsys, "--ckpt_path", tmp_path / "run", "--data_path", docs, "--context_lengths", 32,
+                              "--out_dir", tmp_path / "eval", "--cache_dir", tmp_path / "cache", "--pack_documents")
+    assert code == 0, stderr
+    assert "using the newest last.ckpt" in stderr and "version_3" in stderr
+    code, _, stderr = run_cli(capsys, "--ckpt_path", tmp_path / "run" / "lightning_logs", "--data_path", docs)
+    assert code == 2 and "no last.ckpt found in that folder" in stderr

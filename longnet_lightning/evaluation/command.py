@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m = p.add_argument_group("models")
     m.add_argument("--ckpt_path", nargs="+", required=True, metavar="CKPT",
-                   help="one or more LongNetLM checkpoints (rows of the table)")
+                   help="one or more LongNetLM checkpoints or run folders (their newest last.ckpt); rows of the table")
     m.add_argument("--names", nargs="+", metavar="NAME",
                    help="a display name per checkpoint (default: e.g. 'LongNet 8K', 'Transformer 2K')")
     m.add_argument("--tokenizer", metavar="SPEC",
@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data_path", "--data", nargs="+", metavar="PATH", dest="data_path",
                    help="files, folders (recursive), globs or .jsonl files; 'stdlib' = the built-in corpus. "
                    "Default: the data the first checkpoint was trained on, test split")
-    d.add_argument("--format", choices=("auto", "text", "jsonl"), help="how to read --data_path (default auto: "
-                   ".jsonl files are JSON Lines)")
+    d.add_argument("--format", choices=("auto", "text", "jsonl", "parquet", "hf"),
+                   help="how to read --data_path (default auto: .jsonl files are JSON Lines, .parquet Parquet, a "
+                   "save_to_disk folder a Hugging Face dataset)")
     d.add_argument("--text_field", help="JSON Lines field holding the text (default text)")
     d.add_argument("--errors", choices=("strict", "replace"), help="bytes that are not UTF-8: an error "
                    "(strict, default) or U+FFFD (replace)")
@@ -249,6 +250,13 @@ def read_model_checkpoint(path: str, tokenizer_override: str | None = None) -> C
     from ..model import LongNet
 
     where = f"ckpt_path={str(path)!r}"
+    if os.path.isdir(os.path.expanduser(str(path))):  # a run folder: its newest last.ckpt
+        found = ckpt_format.newest_last_checkpoint(path)
+        if found is None:
+            raise EvaluationError(f"{where}: no last.ckpt found in that folder (looked in last.ckpt, checkpoints/ and "
+                                  "lightning_logs/version_*/checkpoints/); give a .ckpt file or a run's root folder.")
+        _log(f"{where}: using the newest last.ckpt, {found}")
+        path = str(found)
     try:
         raw = ckpt_format.read_checkpoint(path)
         config = ckpt_format.model_config(raw, where)
