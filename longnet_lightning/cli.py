@@ -22,6 +22,7 @@ Plugins: any ``class_path`` importable from the working directory or ``PYTHONPAT
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import re
 import sys
@@ -59,6 +60,16 @@ QUIET_OUTSIDE_FIT = (
     r".*callbacks used to create the checkpoint need to be provided.*",
 )
 _LM_DEFAULTS = {k: p.default for k, p in inspect.signature(LongNetLM.__init__).parameters.items()}
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing ..." lines (product advice, not about the run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+_NO_ADVERTS = _NoAdverts()
 
 
 class CLIError(Exception):
@@ -193,6 +204,8 @@ class LongNetCLI(LightningCLI):
         # follows a command-line override; a recipe's absolute paths (${trainer.x}) are relative
         # to the subcommand's config, which is what this setting makes them
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
+            logging.getLogger(name).addFilter(_NO_ADVERTS)  # the same filter object: added once
         self._ckpt_hparams: dict | None = None
         try:
             super().__init__(*args, **kwargs)

@@ -182,7 +182,7 @@ def test_the_progress_bar_knows_its_total_after_a_resume(tmp_path, tiny_corpus, 
     assert progress.total == 5 and progress.n == 5 and progress.desc.startswith("Epoch 0")
 
 
-def test_skipping_a_tiny_share_of_the_training_tokens_is_not_a_warning(tmp_path, cache_dir):
+def test_skipping_a_tiny_share_of_the_training_tokens_is_not_a_warning(tmp_path, cache_dir, caplog):
     from longnet_lightning.data import LongTextDataModule
 
     corpus = tmp_path / "c"
@@ -192,7 +192,15 @@ def test_skipping_a_tiny_share_of_the_training_tokens_is_not_a_warning(tmp_path,
     (corpus / "short.txt").write_text("tiny")
     dm = LongTextDataModule(str(corpus), seq_len=64, batch_size=2, val_fraction=0.0, test_fraction=0.0,
                             cache_dir=str(cache_dir))
+    caplog.set_level(logging.INFO)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dm.setup("fit")
     assert dm.datasets["train"].skipped_docs == 1
+    assert "(4 tokens, under 0.1% of the training tokens)" in caplog.text
+
+
+def test_no_lightning_advert_on_the_default_path(tmp_path, tiny_corpus, cache_dir, caplog):
+    caplog.set_level(logging.INFO)
+    LongNetCLI(args=["fit", *tiny_args(tmp_path, tiny_corpus, cache_dir, steps=1)])
+    assert "Tip:" not in caplog.text and "Seed set to 0" in caplog.text

@@ -12,6 +12,12 @@ from .tokenizers import ByteTokenizer, Tokenizer, build_tokenizer
 from .windows import EvalWindows, RandomWindowSampler, ResumableDataLoader, ShardSampler, TrainWindows
 
 
+def _share(part: int, whole: int) -> str:
+    """``part / whole`` as a percentage that never reads 0.0% for a part above zero."""
+    frac = part / max(1, whole)
+    return "under 0.1%" if 0 < frac < 0.001 else f"{frac:.1%}"
+
+
 class LongTextDataModule(L.LightningDataModule):
     """Windows of long documents for causal language modelling.
 
@@ -171,7 +177,7 @@ class LongTextDataModule(L.LightningDataModule):
             say(
                 f"{train.skipped_docs} of {len(split.lengths)} training documents are shorter than "
                 f"seq_len + 1 = {T + 1} tokens and are skipped ({train.skipped_tokens} tokens, "
-                f"{train.skipped_tokens / max(1, tokens):.1%} of the training tokens); "
+                f"{_share(train.skipped_tokens, tokens)} of the training tokens); "
                 "use a smaller seq_len or pack_documents=True to train on them."
             )
         if len(train) == 0:
