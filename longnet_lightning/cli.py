@@ -13,8 +13,18 @@ interpolation. What it adds to LightningCLI:
   (without a root they use the checkpoint's run root, see :meth:`LongNetCLI.instantiate_trainer`);
 - ``--ckpt_path`` is checked first (:func:`~longnet_lightning.checkpoint.read_checkpoint`): a
   missing, truncated or damaged file, one that is not a LongNetLM checkpoint, or one naming a model
-  class outside longnet_lightning that the user did not name is a one-line error, not a traceback. Configuration errors raised while building the data and the
-  model are one-line errors too (set ``LONGNET_DEBUG=1`` to see tracebacks).
+  class outside longnet_lightning that the user did not name is a one-line error, not a traceback.
+  ``--ckpt_path last`` is the newest ``last.ckpt`` under the run's root and a folder is the newest
+  ``last.ckpt`` under it (:func:`~longnet_lightning.checkpoint.newest_last_checkpoint`); with none,
+  an error names where it looked. Outside ``fit``, sampling settings left at their defaults come
+  from the checkpoint; ``predict`` without a checkpoint says to pass one.
+- every configuration error is one line naming the setting, the value and what is valid
+  (:func:`one_line`; the cases are listed, and tested, in ``docs/bad-inputs.md``), exit status 2;
+  set ``LONGNET_DEBUG=1`` to see tracebacks and jsonargparse's own reports;
+- the ``omegaconf+`` parser mode: ``${...}`` in a recipe is resolved after the command line is
+  merged, so ``${trainer.val_check_interval}`` follows ``--trainer.val_check_interval 7``;
+- quiet defaults: a progress bar that knows its total after a mid-epoch resume, and no Lightning
+  notices that do not concern the run.
 
 Plugins: any ``class_path`` importable from the working directory or ``PYTHONPATH`` works for
 ``model`` (a LongNetLM subclass), ``data`` and ``trainer.callbacks``; nothing here must change.
