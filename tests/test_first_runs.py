@@ -204,3 +204,19 @@ def test_no_lightning_advert_on_the_default_path(tmp_path, tiny_corpus, cache_di
     caplog.set_level(logging.INFO)
     LongNetCLI(args=["fit", *tiny_args(tmp_path, tiny_corpus, cache_dir, steps=1)])
     assert "Tip:" not in caplog.text and "Seed set to 0" in caplog.text
+
+
+def test_a_parquet_corpus_trains_like_json_lines(tmp_path, cache_dir):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from longnet_lightning.data import LongTextDataModule
+
+    texts = [f"record {i}: " + "lorem ipsum dolor sit amet " * (3 + i % 4) for i in range(40)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "corpus.parquet")
+    dm = LongTextDataModule(str(tmp_path / "corpus.parquet"), seq_len=32, batch_size=2, val_fraction=0.1,
+                            test_fraction=0.1, cache_dir=str(cache_dir))
+    dm.setup("fit")
+    cache = dm._token_cache()
+    assert sum(len(cache.split(s).names) for s in ("train", "val", "test")) == 40
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape == (2, 32)
