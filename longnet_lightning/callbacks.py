@@ -1,11 +1,31 @@
-"""The callbacks the CLI adds: :class:`PredictionWriter` (completions out) and :class:`LRMonitor`."""
+"""The callbacks the CLI adds: :class:`PredictionWriter` (completions out), :class:`LRMonitor`
+and :class:`ResumeAwareProgressBar`."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+
+
+class ResumeAwareProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, which also knows its total and epoch after a mid-epoch resume.
+
+    Lightning does not call ``on_train_epoch_start`` when it resumes inside an epoch, so the
+    plain bar shows ``Training: 520/?``; this one sets the epoch's total and description at the
+    first batch it sees without them."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        bar = self.train_progress_bar
+        if bar is not None and bar.total is None:  # resumed in mid-epoch at batch_idx; the data is set up now
+            remaining = convert_inf(self.total_train_batches)  # what is left to run of this epoch
+            if remaining is not None:
+                bar.total = min(batch_idx + remaining, trainer.num_training_batches)
+                bar.initial = bar.n = batch_idx
+                bar.set_description(f"Epoch {trainer.current_epoch}")
 
 
 class LRMonitor(LearningRateMonitor):

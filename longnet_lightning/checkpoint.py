@@ -49,6 +49,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, reported as one line naming the setting, the file and the fix."""
 
 
+# ----------------------------------------------------------------------------- finding one
+
+
+def newest_last_checkpoint(*roots: str | os.PathLike) -> Path | None:
+    """The most recently written ``last.ckpt`` directly in, or in any run under, ``roots``:
+    ``<root>/last.ckpt``, ``<root>/checkpoints/last.ckpt`` and
+    ``<root>/lightning_logs/version_*/checkpoints/last.ckpt``; None if there is none.
+
+    ``--ckpt_path <run folder>`` (and ``--ckpt_path last``) use this, so a path like
+    ``runs/quickstart`` stays valid however many runs (failed ones included) took a version."""
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root).expanduser()
+        found += [root / "last.ckpt", root / "checkpoints" / "last.ckpt"]
+        found += root.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    found = [p for p in found if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 # ----------------------------------------------------------------------------- settings -> config
 
 
@@ -267,6 +286,7 @@ __all__ = [
     "config_from_settings",
     "hyperparameters",
     "load_model",
+    "newest_last_checkpoint",
     "mark",
     "model_config",
     "model_state",

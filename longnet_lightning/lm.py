@@ -144,7 +144,8 @@ class LongNetLM(L.LightningModule):
         _positive_int("top_k", top_k, allow_none=True)
         _positive_int("decay_steps", decay_steps, allow_none=True)
         if not (lr > 0 and 0 <= min_lr <= lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={lr}, min_lr={min_lr}")
+            bad = f"lr={lr!r} must be > 0" if not lr > 0 else f"min_lr={min_lr!r} must be in [0, lr={lr!r}]"
+            raise ValueError(f"{bad} (the peak learning rate and the one at the end of the decay)")
         if warmup_steps < 0 or weight_decay < 0 or decay_power <= 0 or temperature < 0:
             raise ValueError(
                 f"warmup_steps={warmup_steps} and weight_decay={weight_decay} must be >= 0, "
@@ -364,39 +365,53 @@ class LongNetLM(L.LightningModule):
         self._require_model()
         return weight_decay_groups(self, self.hparams.weight_decay)
 
-    def lr_schedule(self, decay_steps: int):
-        """``step -> multiplier of lr``: :func:`.optim.lr_factor` with these hyperparameters (a
-        warm-up longer than the schedule is shortened to it, see :meth:`total_decay_steps`)."""
+    def lr_schedule(self, decay_steps: int, warmup_steps: int | None = None):
+        """``step -> multiplier of lr``: :func:`.optim.lr_factor` with these hyperparameters
+        (``warmup_steps`` defaults to the hyperparameter; :meth:`configure_optimizers` passes the
+        warm-up shortened to the schedule's length)."""
         hp = self.hparams
-        return partial(lr_factor, warmup_steps=min(hp.warmup_steps, decay_steps), decay_steps=decay_steps,
+        warmup = hp.warmup_steps if warmup_steps is None else warmup_steps
+        return partial(lr_factor, warmup_steps=warmup, decay_steps=decay_steps,
                        min_ratio=hp.min_lr / hp.lr, power=hp.decay_power)
+
+    def _schedule_length(self) -> tuple[int, str]:
+        """``(steps, where that number came from)``: decay_steps, max_steps or the estimated total."""
+        if self.hparams.decay_steps is not None:
+            return self.hparams.decay_steps, "model.decay_steps"
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return self.trainer.max_steps, "trainer.max_steps"
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError(
+                "the learning-rate decay needs a length: set trainer.max_steps, trainer.max_epochs "
+                "or model.decay_steps"
+            )
+        return int(steps), "the trainer's estimated total steps"
 
     def total_decay_steps(self) -> int:
         """``decay_steps``, else the Trainer's max_steps / estimated total optimizer steps."""
-        if self.hparams.decay_steps is not None:
-            steps, source = self.hparams.decay_steps, "model.decay_steps"
-        elif self.trainer.max_steps and self.trainer.max_steps > 0:
-            steps, source = self.trainer.max_steps, "trainer.max_steps"
-        else:
-            steps, source = self.trainer.estimated_stepping_batches, "the trainer's estimated total steps"
-            if not math.isfinite(steps):
-                raise ValueError(
-                    "the learning-rate decay needs a length: set trainer.max_steps, trainer.max_epochs "
-                    "or model.decay_steps"
-                )
-            steps = int(steps)
-        if steps < self.hparams.warmup_steps:  # a short run (fast_dev_run, a smoke test): one warning
-            rank_zero_warn(
-                f"model.warmup_steps={self.hparams.warmup_steps} is longer than the schedule ({source} = {steps}): "
-                f"the warm-up takes the whole schedule instead (set model.warmup_steps <= {steps} to silence this)"
-            )
-        return steps
+        return self._schedule_length()[0]
+
+    def effective_warmup_steps(self, decay_steps: int, source: str = "the schedule") -> int:
+        """``warmup_steps``, shortened (with one warning) to ``decay_steps`` when the schedule is
+        shorter than the warm-up: a short run (``--trainer.max_steps 3``, ``fast_dev_run``) of a
+        recipe warms up over all of its steps instead of failing."""
+        warmup = self.hparams.warmup_steps
+        if decay_steps >= warmup:
+            return warmup
+        rank_zero_warn(
+            f"model.warmup_steps={warmup} is longer than the schedule ({source} = {decay_steps}); "
+            f"warming up over {decay_steps} steps instead (set model.warmup_steps <= {decay_steps} to silence this)"
+        )
+        return decay_steps
 
     def configure_optimizers(self):
         hp = self.hparams
         # not fused=True: Lightning refuses gradient clipping (the recipes clip at 2.0) with fused optimizers
         opt = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule(self.total_decay_steps()))
+        steps, source = self._schedule_length()
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, self.lr_schedule(steps, self.effective_warmup_steps(steps, source)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # ------------------------------------------------------------------ generation

@@ -24,7 +24,7 @@ LIGHTNING_NOISE = [
 ]
 
 
-LIGHTNING_TESTS = {"test_lm.py", "test_cli.py", "test_recipes.py", "test_plugins.py"}
+LIGHTNING_TESTS = {"test_lm.py", "test_cli.py", "test_recipes.py", "test_plugins.py", "test_first_runs.py", "test_bad_inputs.py"}
 
 
 def pytest_collection_modifyitems(config, items):

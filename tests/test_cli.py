@@ -148,12 +148,11 @@ def test_impossible_data_settings_are_named(tmp_path, tiny_corpus, cache_dir, se
         run("fit", tmp_path, tiny_corpus, cache_dir, f"--data.{setting}", value)
 
 
-def test_warmup_longer_than_training_is_shortened_with_one_warning(tmp_path, tiny_corpus, cache_dir):
+def test_warmup_longer_than_training_is_shortened(tmp_path, tiny_corpus, cache_dir):
     with pytest.warns(UserWarning, match=r"model.warmup_steps=50 is longer than the schedule \(trainer.max_steps = 4\)"):
         cli = run("fit", tmp_path, tiny_corpus, cache_dir, "--model.warmup_steps", "50", "--trainer.logger", "false")
     assert cli.trainer.global_step == 4
-    sched = cli.trainer.lr_scheduler_configs[0].scheduler
-    assert [f(3) for f in sched.lr_lambdas] == [1.0, 1.0]  # warm-up reached its peak at the last step
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0](3) == pytest.approx(1.0)
 
 
 def test_evaluate_is_dispatched(monkeypatch):

@@ -124,8 +124,11 @@ def test_splits_are_disjoint_deterministic_and_proportional():
 
 def test_empty_split_is_an_error_that_says_what_to_change(tmp_path):
     corpus = write_corpus(tmp_path / "c", n=3)
-    with pytest.raises(ValueError, match=r"the val split is empty: 3 documents.*raise val_fraction"):
+    with pytest.raises(ValueError, match=r"the val split is empty: 3 documents are too few.*raise val_fraction"):
         build_token_cache(corpus, ByteTokenizer(), SplitSpec(1e-9, 0.0), tmp_path / "cache")
+    carved = build_token_cache(corpus, ByteTokenizer(), SplitSpec(0.2, 0.0, seed=1), tmp_path / "cache")
+    if carved.index["split_mode"] == "tokens":  # too few documents: val is the last 20% of each one's tokens
+        assert all(name.endswith("@val") for name in carved.split("val").names)
     build_token_cache(corpus, ByteTokenizer(), SplitSpec(0.0, 0.0), tmp_path / "cache")  # fine without val
 
 

@@ -117,3 +117,55 @@ def test_default_corpus_is_the_stdlib_without_tests_and_generated_code(tmp_path)
     assert splits[0] == splits[1]
     assert sum(len(v) for v in splits[0].values()) == len(names)
     assert all(splits[0][s] for s in ("train", "val", "test"))
+
+
+# ----------------------------------------------------------------------------- Parquet and saved datasets
+
+
+def test_parquet_reads_like_json_lines(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from longnet_lightning.data.sources import read_documents
+
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "body": ["first", "second é", "third"]}), path)
+    docs = list(read_documents(path, text_field="body"))
+    assert [d.text for d in docs] == ["first", "second é", "third"]
+    assert [d.name for d in docs] == ["part.parquet:0", "part.parquet:1", "part.parquet:2"]
+    with pytest.raises(ValueError, match=r"has no column 'text' \(found: \['body', 'id'\]\); set text_field"):
+        list(read_documents(path))
+
+
+def test_hf_dataset_saved_to_disk_reads_like_json_lines(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from longnet_lightning.data.sources import read_documents
+
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": ["a b", "c d"]}).save_to_disk(str(folder))
+    docs = list(read_documents(folder))
+    assert [d.text for d in docs] == ["a b", "c d"] and docs[0].name == "ds:0"
+
+
+def test_a_missing_extra_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from longnet_lightning.data.sources import read_documents
+
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "state.json").write_text("{}")
+    for name in ("pyarrow", "pyarrow.parquet", "datasets"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    for path, extra in ((tmp_path / "x.parquet", "parquet"), (tmp_path / "ds", "hf")):
+        with pytest.raises(ValueError, match=rf"pip install 'longnet-lightning\[{extra}\]'"):
+            list(read_documents(path))
+
+
+def test_a_damaged_parquet_file_is_one_line(tmp_path):
+    pytest.importorskip("pyarrow")
+    from longnet_lightning.data.sources import read_documents
+
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"x.parquet' is not a readable Parquet file"):
+        list(read_documents(tmp_path / "x.parquet"))

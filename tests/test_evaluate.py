@@ -281,3 +281,43 @@ def test_module_entry_point_reports_bad_input_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_contexts_beyond_the_models_reach_are_named_and_marked(tmp_path, capsys):
+    """A context longer than the longest segment (or the training length) gets a note, in the
+    log and in table.md; the plot marks both lengths and shows the targets per bucket."""
+    from test_evaluation_golden import fixed_checkpoint
+
+    docs, ckpt = fixed_checkpoint(tmp_path)
+    longest = max(LongNetLM.load_from_checkpoint(ckpt).config.segment_lengths)
+    out = tmp_path / "eval"
+    code, _, stderr = run_cli(capsys, "--ckpt_path", ckpt, "--data_path", docs, "--context_lengths", 32, 2 * longest,
+                              "--out_dir", out, "--cache_dir", tmp_path / "cache", "--pack_documents")
+    assert code == 0, stderr
+    assert f"exceeds its longest segment {longest:,}" in stderr and "never crosses a segment boundary" in stderr
+    assert "exceeds its training length 64 (seq_len)" in stderr
+    assert "exceeds its longest segment" in (out / "table.md").read_text()
+    report = json.loads((out / "results.json").read_text())
+    assert report["models"][0]["longest_segment"] == longest
+    from PIL import Image
+
+    with Image.open(out / "loss_by_position.png") as img:
+        markers = json.loads(img.text["Markers"])
+    assert {(m["kind"], m["position"]) for m in markers} == {("training length", 64), ("longest segment", longest)}
+
+
+def test_a_run_folder_is_its_newest_last_checkpoint(tmp_path, capsys):
+    import shutil
+
+    from test_evaluation_golden import fixed_checkpoint
+
+    docs, ckpt = fixed_checkpoint(tmp_path)
+    run = tmp_path / "run" / "lightning_logs" / "version_3" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copy(ckpt, run / "last.ckpt")
+    code, _, stderr = run_cli(capsys, "--ckpt_path", tmp_path / "run", "--data_path", docs, "--context_lengths", 32,
+                              "--out_dir", tmp_path / "eval", "--cache_dir", tmp_path / "cache", "--pack_documents")
+    assert code == 0, stderr
+    assert "using the newest last.ckpt" in stderr and "version_3" in stderr
+    code, _, stderr = run_cli(capsys, "--ckpt_path", tmp_path / "run" / "lightning_logs", "--data_path", docs)
+    assert code == 2 and "no last.ckpt found in that folder" in stderr

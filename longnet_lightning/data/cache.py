@@ -48,6 +48,16 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    """Size and newest modification time of a file, or of every file under a folder (a saved
+    Hugging Face dataset is one source)."""
+    if not path.is_dir():
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    stats = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
+    return sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)
+
+
 @dataclass(frozen=True)
 class Corpus:
     """Which documents to read: paths (None = built-in stdlib corpus) and how to read them."""
@@ -77,11 +87,11 @@ class Corpus:
 
     def fingerprint(self) -> str:
         """Hash of the settings and of each file's path, size and modification time."""
-        stats = [(n, str(p), (st := p.stat()).st_size, st.st_mtime_ns) for n, p in self.files()]
+        stats = [(n, str(p), *_size_and_mtime(p)) for n, p in self.files()]
         return _hash({"settings": asdict(self), "files": stats})
 
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for _, p in self.files())
+        return sum(_size_and_mtime(p)[0] for _, p in self.files())
 
     def documents(self) -> Iterator[Document]:
         return read_documents(self.paths, self.format, self.text_field, self.errors)
@@ -112,10 +122,15 @@ class SplitSpec:
         u = int.from_bytes(digest[:8], "little") / 2.0**64
         return 2 if u < self.test_fraction else 1 if u < self.test_fraction + self.val_fraction else 0
 
-    def check_counts(self, counts: list[int]) -> None:
-        """ValueError if a split with a positive fraction (or train) got no document."""
+    def empty_eval_splits(self, counts: list[int]) -> list[str]:
+        """'val'/'test' when that split has a positive fraction but got no document."""
+        return [s for i, s in enumerate(SPLITS[1:], 1) if getattr(self, f"{s}_fraction") > 0 and counts[i] == 0]
+
+    def check_counts(self, counts: list[int], train_only: bool = False) -> None:
+        """ValueError if a split with a positive fraction (or train) got no document
+        (``train_only``: only an empty training split is an error)."""
         total = sum(counts)
-        for i, split in enumerate(SPLITS):
+        for i, split in enumerate(SPLITS[:1] if train_only else SPLITS):
             frac = 1.0 if split == "train" else getattr(self, f"{split}_fraction")
             if frac > 0 and counts[i] == 0:
                 fix = (
@@ -162,7 +177,7 @@ def load_or_train_bpe(corpus: Corpus, split: SplitSpec, vocab_size: int, cache_d
 
     log.info("training a %d-token byte-level BPE on the training split (cached at %s)", vocab_size, path)
     tok = train_bpe(train_texts(), vocab_size)
-    split.check_counts(counts)
+    split.check_counts(counts, train_only=True)  # too few documents: eval splits are token ranges
     _atomic_write_text(path, json.dumps(tok.spec()))
     return tok
 
@@ -285,6 +300,53 @@ def build_token_cache(
     return TokenCache.open(final)
 
 
+def _carve_token_ranges(folder: Path, meta: dict, dtype: np.dtype, split: SplitSpec, token_bytes) -> dict:
+    """Re-split by token ranges: every document's tokens go, in order, ``1 - val - test`` to
+    train, then ``val_fraction`` to val, then ``test_fraction`` to test (pieces named
+    ``<name>@train`` etc.), so a corpus of one book still gets validation and test text that
+    training never sees. Rewrites folder/{train,val,test}.bin; returns the new index entries."""
+    eos = None
+    docs = []
+    for s in SPLITS:
+        m = meta[s]
+        if not m["names"]:
+            continue
+        tokens = np.fromfile(folder / f"{s}.bin", dtype=dtype)
+        eos = tokens[m["offsets"][0] + m["lengths"][0]]
+        docs += [(name, tokens[o:o + n]) for name, o, n in zip(m["names"], m["offsets"], m["lengths"])]
+    docs.sort(key=lambda d: d[0])
+    bounds = (0.0, 1.0 - split.val_fraction - split.test_fraction, 1.0 - split.test_fraction, 1.0)
+    new = {s: {"names": [], "offsets": [], "lengths": [], "nbytes": [], "n_tokens": 0} for s in SPLITS}
+    files = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}
+    eos_bytes = np.asarray([eos], dtype=dtype).tobytes()
+    try:
+        for name, ids in docs:
+            cuts = [round(b * len(ids)) for b in bounds]
+            for i, s in enumerate(SPLITS):
+                piece = ids[cuts[i]:cuts[i + 1]]
+                if s != "train" and getattr(split, f"{s}_fraction") == 0:
+                    continue
+                m = new[s]
+                m["names"].append(f"{name}@{s}")
+                m["offsets"].append(m["n_tokens"])
+                m["lengths"].append(int(piece.size))
+                m["nbytes"].append(int(token_bytes[piece.astype(np.int64)].sum()))
+                m["n_tokens"] += int(piece.size) + 1
+                files[s].write(piece.tobytes())
+                files[s].write(eos_bytes)
+    finally:
+        for f in files.values():
+            f.close()
+    for s in SPLITS[1:]:
+        if getattr(split, f"{s}_fraction") > 0 and sum(new[s]["lengths"]) < 2:
+            raise ValueError(
+                f"the {s} split is empty: {len(docs)} documents are too few for document-level splits and "
+                f"{s}_fraction={getattr(split, f'{s}_fraction')} of their tokens is under 2 tokens; "
+                f"raise {s}_fraction, add text, or set {s}_fraction=0."
+            )
+    return new
+
+
 def _batches(docs: Iterator[Document], n: int) -> Iterator[list[Document]]:
     batch = []
     for d in docs:
@@ -335,7 +397,11 @@ def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: Spl
         bar.close()
         for f in files.values():
             f.close()
-    split.check_counts([len(meta[s]["names"]) for s in SPLITS])
+    counts = [len(meta[s]["names"]) for s in SPLITS]
+    split.check_counts(counts, train_only=True)
+    mode = "documents"
+    if split.empty_eval_splits(counts):  # too few documents (one book): carve token ranges instead
+        meta, mode = _carve_token_ranges(folder, meta, dtype, split, token_bytes), "tokens"
     if mismatched:
         log.warning(
             "%d documents: token_bytes of their tokens do not add up to their UTF-8 size; "
@@ -352,5 +418,7 @@ def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: Spl
         "dtype": dtype.name,
         "max_id": max_id,
         "bytes_exact": mismatched == 0,
+        "split_mode": mode,
+        "n_documents": sum(counts),
         "splits": meta,
     }

@@ -12,6 +12,12 @@ from .tokenizers import ByteTokenizer, Tokenizer, build_tokenizer
 from .windows import EvalWindows, RandomWindowSampler, ResumableDataLoader, ShardSampler, TrainWindows
 
 
+def _share(part: int, whole: int) -> str:
+    """``part / whole`` as a percentage that never reads 0.0% for a part above zero."""
+    frac = part / max(1, whole)
+    return "under 0.1%" if 0 < frac < 0.001 else f"{frac:.1%}"
+
+
 class LongTextDataModule(L.LightningDataModule):
     """Windows of long documents for causal language modelling.
 
@@ -23,8 +29,10 @@ class LongTextDataModule(L.LightningDataModule):
     Args:
         data_path: file, folder (recursive) or glob, or a list of them; None = the Python standard
             library's own sources (see `sources.stdlib_corpus_files`).
-        format: 'auto' (.jsonl = JSON Lines, else plain text), 'text' or 'jsonl'.
-        text_field: JSON Lines field holding the text.
+        format: 'auto' (.jsonl = JSON Lines, .parquet = Parquet, a folder from Hugging Face
+            ``save_to_disk`` = that dataset, else plain text), 'text', 'jsonl', 'parquet' or 'hf'
+            (Parquet needs the ``[parquet]`` extra, pyarrow; datasets the ``[hf]`` extra).
+        text_field: JSON Lines field / Parquet or dataset column holding the text.
         tokenizer: 'byte' (256 bytes + EOS), 'bpe' (byte-level BPE trained on the training split), or
             a path to a Hugging Face tokenizer.json.
         bpe_vocab_size: vocabulary size for tokenizer='bpe'.
@@ -135,6 +143,13 @@ class LongTextDataModule(L.LightningDataModule):
                     f"token cache {self._cache.path} holds id {self._cache.index['max_id']} but the tokenizer's "
                     f"vocab_size is {self.vocab_size}; delete that folder and fix the tokenizer file."
                 )
+            if self._cache.index.get("split_mode") == "tokens":
+                v, t = self.hparams.val_fraction, self.hparams.test_fraction
+                rank_zero_info(
+                    f"data: {self._cache.index.get('n_documents', '?')} documents are too few for document-level "
+                    f"splits (val_fraction={v}, test_fraction={t}), so validation and test are carved from token "
+                    f"ranges: the last {v + t:.0%} of every document's tokens ({v:.0%} val, then {t:.0%} test)"
+                )
         return self._cache
 
     def prepare_data(self) -> None:
@@ -157,10 +172,12 @@ class LongTextDataModule(L.LightningDataModule):
         train = TrainWindows(split, T, cache.eos_id, pack)
         tokens = int(split.lengths.sum())
         if train.skipped_docs and not pack:
-            rank_zero_warn(
+            # a warning only when it matters (>= 1% of the tokens); the stdlib corpus skips ~0.01%
+            say = rank_zero_warn if train.skipped_tokens >= 0.01 * max(1, tokens) else rank_zero_info
+            say(
                 f"{train.skipped_docs} of {len(split.lengths)} training documents are shorter than "
                 f"seq_len + 1 = {T + 1} tokens and are skipped ({train.skipped_tokens} tokens, "
-                f"{train.skipped_tokens / max(1, tokens):.1%} of the training tokens); "
+                f"{_share(train.skipped_tokens, tokens)} of the training tokens); "
                 "use a smaller seq_len or pack_documents=True to train on them."
             )
         if len(train) == 0:
@@ -214,7 +231,24 @@ class LongTextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")
         sampler = RandomWindowSampler(ds, self.train_samples, seed=self.hparams.seed, **self._shard())
-        return ResumableDataLoader(ds, sampler=sampler, **self._loader_kwargs())
+        loader = ResumableDataLoader(ds, sampler=sampler, **self._loader_kwargs())
+        self._fit_val_interval_to_epoch(len(loader))
+        return loader
+
+    def _fit_val_interval_to_epoch(self, batches: int) -> None:
+        """An integer ``trainer.val_check_interval`` longer than an epoch (a small corpus under a
+        recipe's interval) counts training batches across epochs instead of failing in Lightning:
+        ``check_val_every_n_epoch`` becomes None, with a note."""
+        trainer = getattr(self, "trainer", None)
+        interval = getattr(trainer, "val_check_interval", None)
+        if (isinstance(interval, bool) or not isinstance(interval, int) or interval <= batches
+                or trainer.check_val_every_n_epoch is None):
+            return
+        trainer.check_val_every_n_epoch = None
+        rank_zero_info(
+            f"trainer.val_check_interval={interval} is longer than an epoch ({batches} training batches): "
+            f"validating every {interval} training batches across epochs (check_val_every_n_epoch=None)"
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation windows; an empty list (no validation) when val_fraction is 0."""

@@ -19,7 +19,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMATS = ("auto", "text", "jsonl")
+FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
+# Files written by ``datasets.Dataset(Dict).save_to_disk``: a folder holding one is one source.
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+EXTRAS = {"parquet": ("pyarrow", "parquet"), "hf": ("datasets", "hf")}
 ERRORS = ("strict", "replace")
 
 # Skipped while walking folders: hidden entries and Python's bytecode caches.
@@ -65,10 +68,15 @@ def _check_choice(setting: str, value: str, choices: Sequence[str]) -> None:
 
 
 def _file_format(path: Path, format: str) -> str:
-    """'jsonl' or 'text' for one file; with format='auto' decided by the .jsonl suffix."""
+    """'jsonl', 'parquet' or 'text' for one file; with format='auto' decided by the suffix."""
     if format == "auto":
-        return "jsonl" if path.suffix.lower() == ".jsonl" else "text"
+        return {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix.lower(), "text")
     return format
+
+
+def is_hf_dataset_dir(path: Path) -> bool:
+    """True for a folder written by Hugging Face ``datasets``' ``save_to_disk``."""
+    return path.is_dir() and any((path / m).is_file() for m in HF_MARKERS)
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -118,6 +126,10 @@ def resolve_sources(paths: str | os.PathLike | Sequence[str | os.PathLike], form
             path = Path(expanded)
             if not path.exists():
                 raise FileNotFoundError(f"data_path {spelled!r} does not exist (cwd: {os.getcwd()}).")
+            if format in ("auto", "hf") and is_hf_dataset_dir(path):
+                full = _abs(path)
+                out.setdefault(full, SourceFile(full, full.name, "hf"))
+                continue
             files = list(_walk(path)) if path.is_dir() else [path]
             if not files:
                 raise FileNotFoundError(f"data_path folder {spelled!r} contains no files.")
@@ -171,10 +183,69 @@ def read_jsonl_file(source: SourceFile, text_field: str = "text", errors: str = 
             yield Document(f"{source.name}:{lineno}", text)
 
 
+def _import_extra(format: str, source: SourceFile):
+    """The optional library a format needs, or a one-line error saying which extra installs it."""
+    import importlib
+
+    module, extra = EXTRAS[format]
+    try:
+        return importlib.import_module("pyarrow.parquet" if module == "pyarrow" else module)
+    except ImportError:
+        raise ValueError(
+            f"data_path {str(source.path)!r} is {'a Parquet file' if format == 'parquet' else 'a Hugging Face dataset'}"
+            f" and reading it needs {module}: pip install 'longnet-lightning[{extra}]' (or pip install {module})"
+        ) from None
+
+
+def _text_values(source: SourceFile, values, text_field: str, row0: int = 0) -> Iterator[Document]:
+    for i, text in enumerate(values, row0):
+        if not isinstance(text, str):
+            raise ValueError(f"{source.path} row {i}: field {text_field!r} is {type(text).__name__}, expected a string.")
+        yield Document(f"{source.name}:{i}", text)
+
+
+def _missing_field(source: SourceFile, text_field: str, columns) -> ValueError:
+    return ValueError(f"{source.path}: has no column {text_field!r} (found: {sorted(columns)}); "
+                      "set text_field to the column holding the text.")
+
+
+def read_parquet_file(source: SourceFile, text_field: str = "text") -> Iterator[Document]:
+    """One Document per row of a Parquet file (the ``text_field`` column), through pyarrow."""
+    pq = _import_extra("parquet", source)
+    try:
+        pf = pq.ParquetFile(source.path)
+    except Exception as e:  # pyarrow's ArrowInvalid / OSError on a damaged or foreign file
+        raise ValueError(f"data_path {str(source.path)!r} is not a readable Parquet file ({e})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise _missing_field(source, text_field, pf.schema_arrow.names)
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field]):
+        values = batch.column(0).to_pylist()
+        yield from _text_values(source, values, text_field, row)
+        row += len(values)
+
+
+def read_hf_dataset(source: SourceFile, text_field: str = "text") -> Iterator[Document]:
+    """One Document per row of a dataset saved with ``save_to_disk`` (every split of a
+    DatasetDict, in sorted order, named ``<folder>/<split>:<row>``), through ``datasets``."""
+    datasets = _import_extra("hf", source)
+    ds = datasets.load_from_disk(str(source.path))
+    parts = sorted(ds.items()) if isinstance(ds, dict) or hasattr(ds, "keys") else [(None, ds)]
+    for split, part in parts:
+        if text_field not in part.column_names:
+            raise _missing_field(source, text_field, part.column_names)
+        named = source if split is None else SourceFile(source.path, f"{source.name}/{split}", source.format)
+        yield from _text_values(named, (r[text_field] for r in part.select_columns([text_field])), text_field)
+
+
 def read_source(source: SourceFile, text_field: str = "text", errors: str = "strict") -> Iterator[Document]:
-    """The documents of one resolved file."""
+    """The documents of one resolved file (or saved Hugging Face dataset folder)."""
     if source.format == "jsonl":
         yield from read_jsonl_file(source, text_field, errors)
+    elif source.format == "parquet":
+        yield from read_parquet_file(source, text_field)
+    elif source.format == "hf":
+        yield from read_hf_dataset(source, text_field)
     else:
         yield Document(source.name, read_text_file(source.path, errors))
 

@@ -88,8 +88,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one ``error:`` line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m longnet_lightning evaluate",
         description="Perplexity, mean NLL and bits per byte of checkpoints at several context lengths, "
         "and the loss by position in the context (table, CSV, PNG).",
@@ -97,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m = p.add_argument_group("models")
     m.add_argument("--ckpt_path", nargs="+", required=True, metavar="CKPT",
-                   help="one or more LongNetLM checkpoints (rows of the table)")
+                   help="one or more LongNetLM checkpoints or run folders (their newest last.ckpt); rows of the table")
     m.add_argument("--names", nargs="+", metavar="NAME",
                    help="a display name per checkpoint (default: e.g. 'LongNet 8K', 'Transformer 2K')")
     m.add_argument("--tokenizer", metavar="SPEC",
@@ -106,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data_path", "--data", nargs="+", metavar="PATH", dest="data_path",
                    help="files, folders (recursive), globs or .jsonl files; 'stdlib' = the built-in corpus. "
                    "Default: the data the first checkpoint was trained on, test split")
-    d.add_argument("--format", choices=("auto", "text", "jsonl"), help="how to read --data_path (default auto: "
-                   ".jsonl files are JSON Lines)")
+    d.add_argument("--format", choices=("auto", "text", "jsonl", "parquet", "hf"),
+                   help="how to read --data_path (default auto: .jsonl files are JSON Lines, .parquet Parquet, a "
+                   "save_to_disk folder a Hugging Face dataset)")
     d.add_argument("--text_field", help="JSON Lines field holding the text (default text)")
     d.add_argument("--errors", choices=("strict", "replace"), help="bytes that are not UTF-8: an error "
                    "(strict, default) or U+FFFD (replace)")
@@ -176,6 +185,30 @@ class Checkpoint:
             return None
         return dict(dm)
 
+    @property
+    def longest_segment(self) -> int | None:
+        """The longest segment of dilated attention: no attention crosses its boundaries, so no
+        token sees further back than this (None for dense attention: the whole window)."""
+        if self.config.attention != "dilated" or not self.config.segment_lengths:
+            return None
+        return int(max(self.config.segment_lengths))
+
+    def context_notes(self, name: str, contexts: list[int]) -> list[str]:
+        """What a context longer than the model can attend to (or than it was trained at) measures."""
+        out = []
+        w, trained = self.longest_segment, self.train_seq_len
+        beyond = [n for n in contexts if w is not None and n > w]
+        if beyond:
+            out.append(f"{name}: context {', '.join(context_label(n) for n in beyond)} exceeds its longest segment "
+                       f"{w:,} (segment_lengths {list(self.config.segment_lengths)}): dilated attention never crosses "
+                       f"a segment boundary, so no target sees more than {w:,} tokens and these columns measure "
+                       f"the same reach as {context_label(w)}")
+        longer = [n for n in contexts if trained and n > trained]
+        if longer:
+            out.append(f"{name}: context {', '.join(context_label(n) for n in longer)} exceeds its training length "
+                       f"{trained:,} (seq_len): positions past it were never trained")
+        return out
+
     def default_name(self) -> str:
         kind = "LongNet" if self.config.attention == "dilated" else "Transformer"
         return f"{kind} {context_label(self.train_seq_len)}" if self.train_seq_len else kind
@@ -197,6 +230,7 @@ class Checkpoint:
         }
         if cfg.attention == "dilated":
             out["segment_lengths"], out["dilation_rates"] = list(cfg.segment_lengths), list(cfg.dilation_rates)
+            out["longest_segment"] = self.longest_segment
         if self.limit is not None:
             out["max_context_length"] = self.limit
         return out
@@ -216,6 +250,13 @@ def read_model_checkpoint(path: str, tokenizer_override: str | None = None) -> C
     from ..model import LongNet
 
     where = f"ckpt_path={str(path)!r}"
+    if os.path.isdir(os.path.expanduser(str(path))):  # a run folder: its newest last.ckpt
+        found = ckpt_format.newest_last_checkpoint(path)
+        if found is None:
+            raise EvaluationError(f"{where}: no last.ckpt found in that folder (looked in last.ckpt, checkpoints/ and "
+                                  "lightning_logs/version_*/checkpoints/); give a .ckpt file or a run's root folder.")
+        _log(f"{where}: using the newest last.ckpt, {found}")
+        path = str(found)
     try:
         raw = ckpt_format.read_checkpoint(path)
         config = ckpt_format.model_config(raw, where)
@@ -507,6 +548,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                  f"{n + 1:,} tokens; each is scored as one shorter window")
     if len(data_by_tokenizer) > 1:
         _log("note: the checkpoints use different tokenizers; compare them by bits per byte, not perplexity")
+    context_notes = {name: c.context_notes(name, contexts) for name, c in zip(names, ckpts)}
+    for lines in context_notes.values():
+        for line in lines:
+            _log(f"note: {line}")
 
     edges = bucket_edges(max(contexts), args.buckets_per_doubling)
     models = []
@@ -527,7 +572,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             results.append({**res.summary(), "buckets": res.buckets(edges)})
         info = c.info()
         models.append({"name": name, **info, "precision": _precision_used(args.precision, device),
-                       "cap": data.cap, "results": results})
+                       "cap": data.cap, "context_notes": context_notes[name], "results": results})
         del net
         gc.collect()
         if device.type == "cuda":

@@ -70,6 +70,7 @@ def notes(report: dict) -> list[str]:
                      f"{cap['tokens_available']:,} tokens read ({cap['documents_used']} of "
                      f"{cap['documents_available']} documents, the last one cut)")
         out.append(line + ".")
+        out += [f"  - {note}." for note in m.get("context_notes", [])]
         for r in res:
             if r["short_documents"]:
                 c = r["context_length"]
@@ -122,10 +123,14 @@ def write_csv(report: dict, path: Path) -> None:
 
 
 def plot(report: dict, path: Path) -> list[dict]:
-    """loss_by_position.png: mean NLL against position (log scale), one line per (model, context).
+    """loss_by_position.png: mean NLL against position (log scale), one line per (model, context);
+    below it, the number of scored targets in each position bucket (the first buckets hold few,
+    so their means are noisy).
 
-    Colour = model, line style and marker = context length. Returns the plotted series
-    (model, context_length, points), which are also stored in the PNG's "Description" text.
+    Colour = model, line style and marker = context length. Vertical lines mark each model's
+    training length (dashed) and longest segment (dotted, dilated attention only). Returns the
+    plotted series (model, context_length, points), which are also stored in the PNG's
+    "Description" text; the marked lengths are in its "Markers" text.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -134,11 +139,12 @@ def plot(report: dict, path: Path) -> list[dict]:
     colors = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P")]
     contexts = report["context_lengths"]
-    fig = Figure(figsize=(8.5, 5.2), dpi=120)
+    fig = Figure(figsize=(8.5, 6.4), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    series = []
+    ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    series, markers = [], []
     for mi, m in enumerate(report["models"]):
+        color = colors[mi % len(colors)]
         for r in m["results"]:
             b = r["buckets"]
             if not b:
@@ -147,19 +153,32 @@ def plot(report: dict, path: Path) -> list[dict]:
             ls, marker = styles[ci % len(styles)]
             xs = [math.sqrt(x["start"] * x["end"]) for x in b]
             ys = [x["mean_nll"] for x in b]
-            ax.plot(xs, ys, linestyle=ls, marker=marker, markersize=4, color=colors[mi % len(colors)],
-                    label=f"{m['name']} @ {context_label(r['context_length'])}")
+            label = f"{m['name']} @ {context_label(r['context_length'])}"
+            ax.plot(xs, ys, linestyle=ls, marker=marker, markersize=4, color=color, label=label)
+            counts.plot(xs, [x["count"] for x in b], linestyle=ls, marker=marker, markersize=3, color=color)
             series.append({"model": m["name"], "context_length": r["context_length"], "points": len(b)})
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: context_label(int(round(v))) if v >= 1 else ""))
-    ax.set_xlabel("position in the window = tokens of context (log scale; bucket geometric centre)")
+        for kind, key, ls in (("training length", "train_seq_len", "--"), ("longest segment", "longest_segment", ":")):
+            x = m.get(key)
+            if x:
+                for axis in (ax, counts):
+                    axis.axvline(x, color=color, linestyle=ls, linewidth=1, alpha=0.7)
+                ax.annotate(f"{kind} {context_label(x)}", (x, 1), xycoords=("data", "axes fraction"),
+                            xytext=(3, -3 - 11 * len(markers)), textcoords="offset points", fontsize=7,
+                            color=color, va="top")
+                markers.append({"model": m["name"], "kind": kind, "position": int(x)})
+    counts.set_xscale("log", base=2)
+    counts.set_yscale("log")
+    counts.xaxis.set_major_formatter(FuncFormatter(lambda v, _: context_label(int(round(v))) if v >= 1 else ""))
+    counts.set_xlabel("position in the window = tokens of context (log scale; bucket geometric centre)")
+    counts.set_ylabel("targets")
     ax.set_ylabel("mean NLL (nats per token)")
     ax.set_title("Loss by position in the context")
-    ax.grid(True, which="both", alpha=0.3)
+    for axis in (ax, counts):
+        axis.grid(True, which="both", alpha=0.3)
     if series:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Description": json.dumps(series)})
+    fig.savefig(path, format="png", metadata={"Description": json.dumps(series), "Markers": json.dumps(markers)})
     return series
 
 
