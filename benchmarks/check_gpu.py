@@ -76,6 +76,7 @@ CASES = [  # (B, N, H, D, ws, rs, causal)
     (2, 3001, 7, 64, [512, 1000, 3000], [1, 3, 7], True),
     (1, 5000, 6, 64, [1024, 2048], [1, 5], False),
     (3, 777, 5, 32, [128, 1024], [1, 6], True),
+    (2, 4096, 12, 48, [512, 1024, 2048, 4096, 8192], [1, 2, 4, 6, 12], True),  # the 24M model's heads
 ]
 
 
@@ -261,11 +262,15 @@ def check_model_step(rows, world=2, n=49152):
 
 
 def main(argv=None) -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    checks = {f.__name__: f for f in (check_rectangular, check_single, check_sequence_parallel, check_model_step,
+                                      time_paper_pattern)}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(checks), help="run only these checks (default: all)")
+    args = p.parse_args(argv)
     require_cuda("benchmarks.check_gpu")
     warnings.simplefilter("ignore")
     rows: list[tuple] = []
-    for check in (check_rectangular, check_single, check_sequence_parallel, check_model_step, time_paper_pattern):
+    for check in (checks[n] for n in (args.only or checks)):
         try:
             check(rows)
         except Exception as e:  # noqa: BLE001 - report and go on with the other checks

@@ -1,26 +1,41 @@
-"""Reproduce the trend of the LongNet paper's Table 2 at small scale, in one command.
+"""Reproduce the trend of the LongNet paper's Table 2 at small scale, with intervals.
 
-Trains a small byte-level LongNet at a long context (recipes/repro-longnet-8k.yaml: 8K) and the
-same model with dense attention at 2K (recipes/repro-dense-2k.yaml), on the same number of
-tokens (same tokens per step, same steps), on the Python standard library corpus with documents
-packed; then evaluates both on the held-out test split at 2K, 8K and 32K tokens of context with
-``python -m longnet_lightning evaluate`` and prints the table (rows: models, columns: context).
+The paper (Table 2): LongNet trained at 8K improves as the evaluation context grows, a dense
+Transformer trained at 2K gets worse past 2K. Here the four recipes ``recipes/repro-*.yaml``
+(one 24M model, byte-level, trained on this environment's site-packages sources; they differ only
+in attention and training length) are trained and evaluated in two steps:
 
-    python -m benchmarks.reproduce_table2                      # one H200: estimated 6-7 minutes
-    python -m benchmarks.reproduce_table2 --preset cpu-toy     # CPU smoke run: 1-2 minutes
+1. ``run``: train some of the models side by side on one machine within a wall-clock budget,
+   then evaluate each on the held-out packages (documents of at least 32,769 tokens, their first
+   65,536 tokens) at 2K, 8K and 32K, with non-overlapping and sliding windows, LongNet both with
+   its pattern as trained and capped at its training length. Small result files go to
+   ``--export``::
 
-Everything goes to ``--out_dir`` (default ``runs/table2-<date-time>``): one folder per training
-run (checkpoints, metrics.csv, the resolved config), ``eval/`` (results.json, table.md,
-loss_by_position.csv/png), a log per step, and ``results_section.md``, ready to paste into
-benchmarks/RESULTS.md.
+       python -m benchmarks.reproduce_table2 run --models longnet-8k dense-8k --export results/a
+       python -m benchmarks.reproduce_table2 run --models dense-2k longnet-32k --steps 2400 --export results/b
 
-Presets: ``h200`` runs the recipes unchanged, each training capped at 3.5 minutes (if LongNet
-stops early, the dense run trains exactly as many steps, with the same learning-rate schedule);
-``cpu-toy`` shrinks everything (2 layers of 64, LongNet at 1024 vs dense at 256 with the
-paper's pattern scaled by 1024/8192, 60 steps, contexts 256/1K/4K, evaluation capped at 40K
-tokens). Any setting can be overridden (--steps, --n_layer, --long_seq_len, --contexts, ...);
-the LongNet pattern is the paper's (``longnet_lightning.model.PATTERNS["paper"]``) scaled by
-long_seq_len / 8192.
+2. ``combine``: one report of all of them (``evaluate --from_results``: bootstrap intervals over
+   documents, paired differences), the verdict against the criteria R1-R5 below, and a Markdown
+   section for benchmarks/RESULTS.md::
+
+       python -m benchmarks.reproduce_table2 combine results/a results/b --out_dir benchmarks/table2
+
+Criteria (perplexity changes paired over documents, 95% intervals; non-overlapping windows
+unless said otherwise):
+
+- R1: LongNet-8K improves from 2K to 8K (interval excludes 0, at least 2% lower);
+- R2: LongNet-8K at 32K is at most 4% worse than at 8K and better than at 2K;
+- R3: the dense 2K model gets worse at each longer context (intervals exclude 0);
+- R4: at 2K, LongNet-8K and dense-2K are within 3% of each other;
+- R5: R1 also holds under sliding windows.
+
+Verdict: reproduced (all hold); inconclusive (the dense 8K control gains nothing from 2K to 8K
+under sliding windows either: the setup is too small to use 8K of context at all); partly (R1,
+R3 and R4 hold, R1 not under sliding windows); not reproduced (the dense 8K control gains under
+sliding windows and LongNet-8K does not); otherwise mixed, with the criteria that hold.
+
+``--preset cpu-toy`` shrinks everything (the stdlib corpus, a 2-layer model, lengths / 8) for a
+CPU smoke run of the whole pipeline in a few minutes.
 """
 from __future__ import annotations
 
@@ -38,281 +53,352 @@ from pathlib import Path
 
 import yaml
 
-from longnet_lightning.model import PATTERNS
-
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = {"long": REPO / "recipes" / "repro-longnet-8k.yaml", "short": REPO / "recipes" / "repro-dense-2k.yaml"}
-CHECKPOINT_EVERY = 10  # at most, in steps: a run stopped by --max_train_minutes keeps its last checkpoint
-PAPER_PATTERN = PATTERNS["paper"]  # at a training length of 8192
+
+# name -> (recipe, display name, kind)
+MODELS = {
+    "longnet-8k": ("repro-longnet-8k.yaml", "LongNet 8K"),
+    "dense-2k": ("repro-dense-2k.yaml", "Transformer 2K"),
+    "dense-8k": ("repro-dense-8k.yaml", "Transformer 8K"),
+    "longnet-32k": ("repro-longnet-32k.yaml", "LongNet 32K"),
+}
 
 PRESETS: dict[str, dict] = {
-    "h200": {"contexts": [2048, 8192, 32768], "max_train_minutes": 3.5},  # the recipes as written
+    "h200": {
+        "steps": 2400, "budget_s": 560, "eval_reserve_s": 120, "scale": 1,
+        "contexts": [2048, 8192, 32768], "stride": "c/2",
+        "min_document_tokens": 32769, "max_document_tokens": 65536,
+        "overrides": None, "trainer": {}, "data": {},
+    },
     "cpu-toy": {
-        "accelerator": "cpu", "precision": "32-true", "num_workers": 0, "validate": False,
-        "n_layer": 2, "n_embd": 64, "n_head": 4, "ffn_dim": 256,
-        "long_seq_len": 1024, "short_seq_len": 256,
-        "steps": 60, "tokens_per_step": 8192, "micro_batch_tokens": 8192,
-        "lr": 3e-3, "warmup_steps": 5,
-        "contexts": [256, 1024, 4096], "eval_max_tokens": 40_000,
+        "steps": 40, "budget_s": 900, "eval_reserve_s": 60, "scale": 8,
+        "contexts": [256, 1024, 4096], "stride": "c/2",
+        "min_document_tokens": 4097, "max_document_tokens": 8192,
+        "overrides": {"n_layer": 2, "n_embd": 96, "n_head": 12, "ffn_dim": 192},
+        "trainer": {"accelerator": "cpu", "precision": "32-true"},
+        "data": {"corpus": "stdlib", "num_workers": 0, "test_fraction": 0.2},
+        "model": {"warmup_steps": 30, "compile": False},
     },
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce_table2",
-                                description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="h200 (the recipes as written) or cpu-toy; default: h200 when CUDA is available, else cpu-toy")
-    p.add_argument("--out_dir", help="default: runs/table2-<date-time>")
-    g = p.add_argument_group("model (default: the recipes' 6 x 384)")
-    for name in ("n_layer", "n_embd", "n_head", "ffn_dim"):
-        g.add_argument(f"--{name}", type=int)
-    g = p.add_argument_group("training (default: the recipes')")
-    g.add_argument("--long_seq_len", type=int, help="LongNet training length (recipe: 8192)")
-    g.add_argument("--short_seq_len", type=int, help="dense training length (recipe: 2048)")
-    g.add_argument("--steps", type=int, help="optimizer steps of each run (recipe: 300)")
-    g.add_argument("--tokens_per_step", type=int, help="tokens per optimizer step, both runs (recipe: 524288)")
-    g.add_argument("--micro_batch_tokens", type=int,
-                   help="tokens per micro-batch (batch_size x seq_len); tokens_per_step / this = accumulation")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--warmup_steps", type=int)
-    g.add_argument("--accelerator", help="gpu or cpu (recipe: gpu)")
-    g.add_argument("--precision", help="recipe: bf16-mixed")
-    g.add_argument("--num_workers", type=int)
-    g.add_argument("--max_train_minutes", type=float,
-                   help="stop a training run after this long (h200: 3.5); "
-                   "the dense run then trains exactly the steps LongNet reached, with the same schedule")
-    g.add_argument("--skip_training", action="store_true",
-                   help="reuse the checkpoints already in --out_dir and only evaluate")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--contexts", type=int, nargs="+", help="context lengths to evaluate (h200: 2048 8192 32768)")
-    g.add_argument("--eval_max_tokens", type=int, help="evaluate on the first N test tokens only (default: all)")
-    g.add_argument("--eval_batch_tokens", type=int, help="tokens per evaluation forward pass (evaluate's default)")
-    return p.parse_args(argv)
+def recipe(name: str) -> dict:
+    return yaml.safe_load((REPO / "recipes" / MODELS[name][0]).read_text())
 
 
-def recipe(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
-
-
-def settings(args: argparse.Namespace) -> dict:
-    """The effective settings: recipe values, then the preset's, then the command line's."""
-    if args.preset is None:
-        try:
-            import torch
-
-            args.preset = "h200" if torch.cuda.is_available() else "cpu-toy"
-        except ImportError:
-            args.preset = "cpu-toy"
-    long_r, short_r = recipe(RECIPES["long"]), recipe(RECIPES["short"])
-    ld, sd = long_r["data"]["init_args"], short_r["data"]["init_args"]
-    lt, st = long_r["trainer"], short_r["trainer"]
-    lm = long_r["model"]["init_args"]
-    base = {
-        **lm["overrides"],
-        "long_seq_len": ld["seq_len"], "short_seq_len": sd["seq_len"],
-        "steps": lt["max_steps"],
-        "tokens_per_step": ld["batch_size"] * ld["seq_len"] * lt["accumulate_grad_batches"],
-        "micro_batch_tokens": ld["batch_size"] * ld["seq_len"],
-        "lr": lm["lr"], "warmup_steps": lm["warmup_steps"],
-        "accelerator": lt["accelerator"], "precision": lt["precision"], "num_workers": ld["num_workers"],
-        "validate": True, "contexts": [2048, 8192, 32768], "eval_max_tokens": None, "eval_batch_tokens": None,
-        "max_train_minutes": None,
-    }
-    short_tokens = sd["batch_size"] * sd["seq_len"] * st["accumulate_grad_batches"]
-    if short_tokens != base["tokens_per_step"] or st["max_steps"] != lt["max_steps"]:
-        raise SystemExit(f"error: the recipes disagree on the token budget ({base['tokens_per_step']} vs {short_tokens} "
-                         f"tokens per step, {lt['max_steps']} vs {st['max_steps']} steps); fix them to compare fairly")
-    s = {**base, **PRESETS[args.preset]}
-    for key in list(base):
-        value = getattr(args, key, None)
-        if value is not None:
-            s[key] = value
-    for name in ("long", "short"):
-        n = s[f"{name}_seq_len"]
-        if s["micro_batch_tokens"] % n or s["tokens_per_step"] % s["micro_batch_tokens"]:
-            raise SystemExit(
-                f"error: micro_batch_tokens={s['micro_batch_tokens']} must be a multiple of {name}_seq_len={n}, "
-                f"and tokens_per_step={s['tokens_per_step']} a multiple of micro_batch_tokens"
-            )
-    scale = s["long_seq_len"] / 8192
-    segments = [w * scale for w in PAPER_PATTERN[0]]
-    if any(w != int(w) or w < 1 for w in segments):
-        raise SystemExit(f"error: long_seq_len={s['long_seq_len']} does not scale the paper's segment lengths "
-                         f"{PAPER_PATTERN[0]} to whole numbers; use 8192 times a power of 2")
-    s["segment_lengths"], s["dilation_rates"] = [int(w) for w in segments], list(PAPER_PATTERN[1])
-    return s
-
-
-def fit_command(which: str, s: dict, run_dir: Path, steps: int) -> list[str]:
-    """The `fit` command of one run: the recipe plus overrides; `steps` may stop short of s["steps"]."""
-    n = s[f"{which}_seq_len"]
-    accumulate = s["tokens_per_step"] // s["micro_batch_tokens"]
-    overrides = {k: s[k] for k in ("n_layer", "n_embd", "n_head", "ffn_dim")}
-    # checkpoints land on multiples of `every` (none is written when training stops in between), so
-    # `every` divides `steps`: the last step is always saved
-    every = max(d for d in range(1, CHECKPOINT_EVERY + 1) if steps % d == 0)
+def fit_command(name: str, preset: dict, run_dir: Path, steps: int, until: float) -> list[str]:
+    """The ``fit`` of one model: its recipe, the preset's changes, a TimeBudget ending at ``until``."""
+    r = recipe(name)
+    data, model = r["data"]["init_args"], r["model"]["init_args"]
+    scale = preset["scale"]
+    seq_len, batch = data["seq_len"] // scale, data["batch_size"]
     cmd = [
-        sys.executable, "-m", "longnet_lightning", "fit", "--config", str(RECIPES[which]),
+        sys.executable, "-m", "longnet_lightning", "fit", "--config", str(REPO / "recipes" / MODELS[name][0]),
         "--trainer.default_root_dir", str(run_dir), "--checkpoint.dirpath", str(run_dir / "checkpoints"),
-        "--checkpoint.every_n_train_steps", str(every), "--checkpoint.save_top_k", "1",
-        "--trainer.max_steps", str(steps), "--model.decay_steps", str(s["steps"]),
-        "--trainer.accumulate_grad_batches", str(accumulate),
-        "--trainer.accelerator", s["accelerator"], "--trainer.precision", s["precision"],
-        "--data.seq_len", str(n), "--data.batch_size", str(s["micro_batch_tokens"] // n),
-        "--data.num_workers", str(s["num_workers"]),
-        "--model.overrides", json.dumps(overrides),
-        "--model.lr", str(s["lr"]), "--model.min_lr", str(s["lr"] / 10), "--model.warmup_steps", str(s["warmup_steps"]),
+        "--checkpoint.every_n_train_steps", str(10**9), "--checkpoint.save_top_k", "0",
+        "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks+=longnet_lightning.callbacks.TimeBudget", f"--trainer.callbacks.until={until:.1f}",
+        "--data.seq_len", str(seq_len), "--data.batch_size", str(batch),
     ]
-    if which == "long":
-        cmd += ["--model.segment_lengths", json.dumps(s["segment_lengths"]),
-                "--model.dilation_rates", json.dumps(s["dilation_rates"])]
-    if s["validate"]:  # validate halfway and at the end (counted in micro-batches)
-        cmd += ["--trainer.val_check_interval", str(accumulate * max(1, s["steps"] // 2))]
-    else:
-        cmd += ["--trainer.limit_val_batches", "0"]
-    if s["max_train_minutes"]:
-        sec = int(s["max_train_minutes"] * 60)
-        cmd += ["--trainer.max_time", f"00:{sec // 3600:02d}:{sec // 60 % 60:02d}:{sec % 60:02d}"]
+    for key, value in preset["trainer"].items():
+        cmd += [f"--trainer.{key}", str(value)]
+    for key, value in {**preset["data"]}.items():
+        cmd += [f"--data.{key}", str(value)]
+    for key, value in preset.get("model", {}).items():
+        cmd += [f"--model.{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    if preset["overrides"]:
+        cmd += ["--model.overrides", json.dumps(preset["overrides"])]
+        if scale != 1 and model.get("attention") != "dense":
+            from longnet_lightning.model import PATTERNS
+
+            w, rates = PATTERNS["paper"]
+            cmd += ["--model.segment_lengths", json.dumps([x // scale for x in w]),
+                    "--model.dilation_rates", json.dumps(list(rates))]
     return cmd
 
 
-def checkpoint_step(path: Path) -> int:
+def evaluate_command(name: str, preset: dict, ckpt: Path, out_dir: Path) -> list[str]:
+    patterns = ["trained", "capped"] if name.startswith("longnet") else ["trained"]
+    return [
+        sys.executable, "-m", "longnet_lightning", "evaluate", "--no_progress", "--ckpt_path", str(ckpt),
+        "--names", MODELS[name][1], "--patterns", *patterns,
+        "--context_lengths", *map(str, preset["contexts"]), "--stride", preset["stride"],
+        "--min_document_tokens", str(preset["min_document_tokens"]),
+        "--max_document_tokens", str(preset["max_document_tokens"]), "--out_dir", str(out_dir),
+        *(["--device", "cpu"] if preset["trainer"].get("accelerator") == "cpu" else []),
+    ]
+
+
+def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    print(f"$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
+    f = open(log, "w", encoding="utf-8")
+    f.write(f"$ {shlex.join(cmd)}\n")
+    f.flush()
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def wait_all(procs: dict[str, tuple[subprocess.Popen, Path]], what: str) -> None:
+    failed = []
+    for name, (proc, log) in procs.items():
+        if proc.wait():
+            failed.append(name)
+            print(f"error: {what} of {name} failed (exit {proc.returncode}); the end of {log}:", flush=True)
+            print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]), flush=True)
+    if failed:
+        raise SystemExit(f"error: {what} failed for {', '.join(failed)}")
+
+
+def train_summary(name: str, run_dir: Path, seconds: float, preset: dict) -> dict:
+    """Steps, throughput and the loss curve of one finished run (from its checkpoint and CSV log)."""
     import torch
 
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    budget = next((v for k, v in raw.get("callbacks", {}).items() if k.startswith("TimeBudget")), {})
+    hp = raw.get("hyper_parameters", {})
+    dm = raw.get("datamodule_hyper_parameters", {})
+    steps = int(raw["global_step"])
+    tokens_per_step = int(dm.get("batch_size", 0)) * int(dm.get("seq_len", 0))
+    curve = []
+    logs = sorted(run_dir.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if logs:
+        with open(logs[-1], newline="") as f:
+            curve = [(int(row["step"]), float(row["train/loss"])) for row in csv.DictReader(f) if row.get("train/loss")]
+    tail = [v for s, v in curve if s >= steps - max(50, steps // 20)]
+    return {
+        "model": name, "name": MODELS[name][1], "recipe": f"recipes/{MODELS[name][0]}",
+        "attention": hp.get("attention") or "dilated", "seq_len": dm.get("seq_len"), "steps": steps,
+        "tokens_per_step": tokens_per_step, "tokens": steps * tokens_per_step,
+        "step_seconds_median": budget.get("step_seconds"),
+        "tokens_per_second": tokens_per_step / budget["step_seconds"] if budget.get("step_seconds") else None,
+        "fit_seconds": round(seconds, 1), "final_train_loss": sum(tail) / len(tail) if tail else None,
+        "loss_curve": curve[:: max(1, len(curve) // 60)],
+        "hyper_parameters": {k: hp.get(k) for k in ("model", "overrides", "lr", "min_lr", "warmup_steps", "betas",
+                                                    "weight_decay", "compile", "segment_lengths", "dilation_rates")},
+        "data": {k: dm.get(k) for k in ("corpus", "data_path", "tokenizer", "val_fraction", "test_fraction", "seed",
+                                        "pack_documents")},
+    }
 
 
-def run_logged(cmd: list[str], log: Path, env: dict) -> float:
-    """Run ``cmd`` from the repository root, echoing its output and saving it to ``log``; seconds taken."""
-    print(f"\n$ {shlex.join(cmd)}\n", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            f.write(chunk.decode("utf-8", errors="replace"))
-        code = proc.wait()
-    if code:
-        raise SystemExit(f"error: the command above failed with exit status {code}; its output is in {log}")
-    return time.perf_counter() - t0
-
-
-def last_metrics(run_dir: Path) -> dict:
-    """Last logged train/loss and val/loss of a run (from the CSV logger), when present."""
-    out = {}
-    files = sorted(run_dir.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return out
-    with open(files[-1], newline="") as f:
-        for row in csv.DictReader(f):
-            for key in ("train/loss", "val/loss", "val/bpb"):
-                if row.get(key):
-                    out[key] = float(row[key])
-    return out
-
-
-def device_name(accelerator: str) -> str:
-    if accelerator in ("gpu", "cuda", "auto"):
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return f"1x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-        except ImportError:
-            pass
-    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    s = settings(args)
-    if args.out_dir:
-        out = Path(args.out_dir)
-    else:
-        out = REPO / "runs" / time.strftime("table2-%Y%m%d-%H%M%S")
-    out = out.resolve()
+def cmd_run(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    preset = PRESETS[args.preset]
+    steps = args.steps or preset["steps"]
+    budget = args.budget_s or preset["budget_s"]
+    until = t0 + budget - preset["eval_reserve_s"]
+    out = Path(args.out_dir or REPO / "runs" / time.strftime("table2-%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    t_start = time.perf_counter()
-    print(f"reproduce_table2: preset {args.preset}, settings {json.dumps(s)}\nwriting to {out}", flush=True)
+    print(f"reproduce_table2 run: {args.models}, preset {args.preset}, {steps} steps at most, training ends by "
+          f"{time.strftime('%H:%M:%S', time.localtime(until))}; writing to {out}", flush=True)
 
-    runs = {}
-    steps = s["steps"]
-    for which, kind in (("long", "LongNet"), ("short", "Transformer")):
-        n = s[f"{which}_seq_len"]
-        run_dir = out / f"{kind.lower()}-{n}"
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
-        seconds = None
-        if not args.skip_training:
-            if run_dir.exists():  # a fresh run: Lightning would write last-v1.ckpt beside an old last.ckpt
-                print(f"removing the previous run in {run_dir}", flush=True)
-                shutil.rmtree(run_dir)
-            seconds = run_logged(fit_command(which, s, run_dir, steps), out / f"fit-{kind.lower()}.log", env)
-        if not ckpt.is_file():
-            raise SystemExit(f"error: {ckpt} does not exist; run without --skip_training first")
-        done = checkpoint_step(ckpt)
-        if which == "long" and done < steps:  # stopped by the time limit: same steps and schedule for the baseline
-            print(f"\nwarning: LongNet stopped at step {done} of {steps} (--max_train_minutes); the dense run trains "
-                  f"{done} steps too, with the same learning-rate schedule", flush=True)
-            steps = done
-        runs[which] = {"name": f"{kind} {n // 1024}K" if n % 1024 == 0 else f"{kind} {n}", "ckpt": ckpt,
-                       "seconds": seconds, "seq_len": n, "steps": done, "metrics": last_metrics(run_dir)}
-    if runs["long"]["steps"] != runs["short"]["steps"]:
-        print(f"\nwarning: unequal token budgets: LongNet {runs['long']['steps']} steps, dense "
-              f"{runs['short']['steps']} steps", flush=True)
+    # the token cache once, before the runs start (they share it); its build time and corpus
+    from longnet_lightning.data import LongTextDataModule
 
-    eval_dir = out / "eval"
-    cmd = [sys.executable, "-m", "longnet_lightning", "evaluate",
-           "--ckpt_path", str(runs["long"]["ckpt"]), str(runs["short"]["ckpt"]),
-           "--names", runs["long"]["name"], runs["short"]["name"],
-           "--context_lengths", *map(str, s["contexts"]), "--out_dir", str(eval_dir)]
-    if s["eval_max_tokens"]:
-        cmd += ["--max_tokens", str(s["eval_max_tokens"])]
-    if s["eval_batch_tokens"]:
-        cmd += ["--batch_tokens", str(s["eval_batch_tokens"])]
-    eval_seconds = run_logged(cmd, out / "evaluate.log", env)
-    total = time.perf_counter() - t_start
+    data_args = {**recipe(args.models[0])["data"]["init_args"], **preset["data"]}
+    data_args["seq_len"] //= preset["scale"]
+    t = time.perf_counter()
+    dm = LongTextDataModule(**data_args)
+    dm.prepare_data()
+    corpus = {"build_seconds": round(time.perf_counter() - t, 1), **corpus_summary(dm)}
+    print(f"token cache ready in {corpus['build_seconds']} s: {json.dumps(corpus)[:400]}", flush=True)
 
-    report = json.loads((eval_dir / "results.json").read_text())
-    params = report["models"][0]["params"]
-    budget = runs["long"]["steps"] * s["tokens_per_step"]
-    lines = [
-        f"## {time.strftime('%Y-%m-%d')} — LongNet vs dense at small scale, the trend of the paper's Table 2",
-        "",
-        f"`python -m benchmarks.reproduce_table2 {shlex.join(argv)}`".replace(" `", "`"),
-        f"on {device_name(s['accelerator'])}; {total / 60:.1f} min in all (training, evaluation, start-up).",
-        "",
-        f"Both models: {s['n_layer']} layers, width {s['n_embd']}, {s['n_head']} heads, FFN {s['ffn_dim']} "
-        f"({params / 1e6:.1f}M parameters), byte tokenizer, the standard library corpus packed, "
-        f"{runs['long']['steps']} steps of {s['tokens_per_step']:,} tokens = {budget / 1e6:.1f}M training tokens each, "
-        f"lr {s['lr']} (warm-up {s['warmup_steps']}, linear decay to lr/10 at step {s['steps']}), "
-        f"precision {s['precision']}. "
-        f"LongNet pattern w = {s['segment_lengths']}, r = {s['dilation_rates']}.",
-        "",
-        "| model | attention | trained at | steps | train time | tokens/s | last train loss | last val loss |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for which, att in (("long", "dilated"), ("short", "dense")):
-        r = runs[which]
-        sec = r["seconds"]
-        tps = f"{r['steps'] * s['tokens_per_step'] / sec:,.0f}" if sec else "n/a"
-        m = {k: f"{v:.4f}" for k, v in r["metrics"].items()}
-        lines.append(f"| {r['name']} | {att} | {r['seq_len']:,} | {r['steps']} | "
-                     f"{f'{sec:.0f} s' if sec else 'n/a'} (incl. start-up) | "
-                     f"{tps} | {m.get('train/loss', 'n/a')} | {m.get('val/loss', 'n/a')} |")
-    table_md = (eval_dir / "table.md").read_text().split("\n", 1)[1].strip()  # drop the "# ..." title line
-    lines += ["", f"Evaluation ({eval_seconds:.0f} s), held-out test split:", "", table_md, ""]
-    section = "\n".join(lines)
-    (out / "results_section.md").write_text(section + "\n", encoding="utf-8")
-    print("\n" + section)
-    print(f"\nwrote {out / 'results_section.md'} (paste into benchmarks/RESULTS.md) and {eval_dir}/", flush=True)
+    procs, started = {}, time.perf_counter()
+    for name in args.models:
+        run_dir = out / name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        procs[name] = (start(fit_command(name, preset, run_dir, steps, until), out / f"fit-{name}.log", env),
+                       out / f"fit-{name}.log")
+    wait_all(procs, "training")
+    fit_seconds = time.perf_counter() - started
+    summaries = {name: {**train_summary(name, out / name, fit_seconds, preset), "corpus": corpus,
+                        "device": device_name(), "python": platform.python_version()} for name in args.models}
+    for s in summaries.values():
+        tps = f"{s['tokens_per_second']:,.0f}" if s["tokens_per_second"] else "n/a"
+        print(f"{s['name']}: {s['steps']} steps ({s['tokens'] / 1e6:.1f}M tokens), {tps} tokens/s, "
+              f"final train loss {s['final_train_loss']}", flush=True)
+
+    procs = {}
+    for name in args.models:
+        cmd = evaluate_command(name, preset, out / name / "checkpoints" / "last.ckpt", out / f"eval-{name}")
+        procs[name] = (start(cmd, out / f"evaluate-{name}.log", env), out / f"evaluate-{name}.log")
+    wait_all(procs, "evaluation")
+    export = Path(args.export).resolve() if args.export else out / "export"
+    export.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        shutil.copy(out / f"eval-{name}" / "results.json", export / f"{name}.results.json")
+        summaries[name]["evaluate_seconds"] = round(time.time() - t0, 1)
+        (export / f"{name}.train.json").write_text(json.dumps(summaries[name], indent=1) + "\n")
+        print((out / f"eval-{name}" / "table.md").read_text().split("## Notes")[0], flush=True)
+    print(f"done in {time.time() - t0:.0f} s; results in {export}", flush=True)
     return 0
+
+
+def corpus_summary(dm) -> dict:
+    """What the data module read: documents and tokens per split, and the corpus manifest if any."""
+    cache = dm.token_cache() if hasattr(dm, "token_cache") else getattr(dm, "_cache", None)
+    out = {"corpus": getattr(dm.hparams, "corpus", None) if hasattr(dm, "hparams") else None}
+    if cache is not None:
+        for split in ("train", "val", "test"):
+            s = cache.split(split)
+            out[split] = {"documents": len(s.names), "tokens": int(s.n_tokens)}
+    manifest = getattr(dm.corpus, "manifest", None)
+    if callable(manifest):
+        m = manifest()
+        out["manifest"] = m if len(json.dumps(m)) < 200_000 else {k: v for k, v in m.items() if k != "documents"}
+    return out
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"1x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+        return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+    except ImportError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- combine
+
+ROW_ORDER = ["LongNet 8K", "LongNet 8K, capped at 8K", "Transformer 2K", "Transformer 8K", "LongNet 32K",
+             "LongNet 32K, capped at 32K"]
+
+
+def _diff(report: dict, model: str, a: int, b: int, protocol: str = "non-overlapping") -> dict | None:
+    return next((d for d in report["comparisons"]["contexts"] if d["model"] == model and d["protocol"] == protocol
+                 and (d["from"], d["to"]) == (a, b)), None)
+
+
+def _between(report: dict, a: str, b: str, c: int, protocol: str = "non-overlapping") -> dict | None:
+    for d in report["comparisons"]["models"]:
+        if d["protocol"] == protocol and d["context_length"] == c and {d["a"], d["b"]} == {a, b}:
+            return d if d["a"] == a else {**d, "percent": -d["percent"], "low": -d["high"], "high": -d["low"],
+                                          "a": a, "b": b}
+    return None
+
+
+def _fmt(d: dict | None) -> str:
+    return "n/a" if d is None else f"{d['percent']:+.2f}% [{d['low']:+.2f}, {d['high']:+.2f}]"
+
+
+def criteria(report: dict, short: int, mid: int, long: int) -> tuple[dict, str, str]:
+    """(R1..R5 with their evidence, verdict, explanation)."""
+    L, D2, D8 = "LongNet 8K", "Transformer 2K", "Transformer 8K"
+    r = {}
+    d = _diff(report, L, short, mid)
+    r["R1"] = (d is not None and d["high"] < 0 and d["percent"] <= -2.0, f"LongNet 8K {short}→{mid}: {_fmt(d)}")
+    d1, d2 = _diff(report, L, mid, long), _diff(report, L, short, long)
+    r["R2"] = (d1 is not None and d2 is not None and d1["percent"] <= 4.0 and d2["percent"] < 0,
+               f"LongNet 8K {mid}→{long}: {_fmt(d1)}; {short}→{long}: {_fmt(d2)}")
+    a, b = _diff(report, D2, short, mid), _diff(report, D2, mid, long)
+    r["R3"] = (a is not None and b is not None and a["low"] > 0 and b["low"] > 0,
+               f"Transformer 2K {short}→{mid}: {_fmt(a)}; {mid}→{long}: {_fmt(b)}")
+    d = _between(report, D2, L, short)
+    r["R4"] = (d is not None and abs(d["percent"]) <= 3.0, f"LongNet 8K vs Transformer 2K at {short}: {_fmt(d)}")
+    d = _diff(report, L, short, mid, "sliding")
+    r["R5"] = (d is not None and d["high"] < 0 and d["percent"] <= -2.0,
+               f"LongNet 8K {short}→{mid}, sliding windows: {_fmt(d)}")
+    control = _diff(report, D8, short, mid, "sliding")
+    control_gains = control is not None and control["high"] < 0
+    held = [k for k, (ok, _) in r.items() if ok]
+    if len(held) == 5:
+        verdict, why = "reproduced", "all five criteria hold"
+    elif control is not None and not control_gains:
+        verdict, why = "inconclusive", (f"the dense 8K control gains nothing from {short} to {mid} under sliding "
+                                        f"windows either ({_fmt(control)}): at this scale the setup is too small to "
+                                        "use 8K tokens of context, which says nothing against LongNet")
+    elif r["R1"][0] and r["R3"][0] and r["R4"][0] and not r["R5"][0]:
+        verdict, why = "partly reproduced", "R1, R3 and R4 hold; R1 holds only with non-overlapping windows"
+    elif control_gains and not r["R5"][0]:
+        verdict, why = "not reproduced", (f"the dense 8K control gains under sliding windows ({_fmt(control)}) and "
+                                          "LongNet 8K does not")
+    else:
+        verdict, why = "mixed", f"criteria that hold: {', '.join(held) or 'none'}"
+    r["control"] = (control_gains, f"Transformer 8K {short}→{mid}, sliding windows: {_fmt(control)}")
+    return r, verdict, why
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    from longnet_lightning.evaluation.command import main as evaluate_main
+
+    files, trains = [], []
+    for d in map(Path, args.dirs):
+        files += sorted(d.glob("*.results.json"))
+        trains += [json.loads(p.read_text()) for p in sorted(d.glob("*.train.json"))]
+    if not files:
+        raise SystemExit(f"error: no *.results.json in {args.dirs}; give the --export folders of `run`")
+    out = Path(args.out_dir)
+    argv = ["--from_results", *map(str, files), "--out_dir", str(out)]
+    if evaluate_main(argv):
+        return 2
+    report = json.loads((out / "results.json").read_text())
+    order = {n: i for i, n in enumerate(ROW_ORDER)}
+    report["models"].sort(key=lambda m: order.get(m["name"], len(order)))
+    contexts = report["context_lengths"]
+    short, mid, long = contexts[0], contexts[1], contexts[-1]
+    r, verdict, why = criteria(report, short, mid, long)
+    result = {"verdict": verdict, "why": why, "criteria": {k: {"holds": ok, "evidence": e} for k, (ok, e) in r.items()},
+              "training": trains}
+    (out / "verdict.json").write_text(json.dumps(result, indent=1) + "\n")
+    section = results_section(report, trains, r, verdict, why, out)
+    (out / "results_section.md").write_text(section)
+    print(section)
+    return 0
+
+
+def results_section(report: dict, trains: list[dict], r: dict, verdict: str, why: str, out: Path) -> str:
+    from longnet_lightning.evaluation.report import comparison_tables, table
+
+    trains = sorted(trains, key=lambda t: list(MODELS).index(t["model"]))
+    first = trains[0] if trains else {}
+    corpus = first.get("corpus", {})
+    lines = [f"## {time.strftime('%Y-%m-%d')}: the trend of the paper's Table 2, 24M models, with intervals", ""]
+    lines += ["| model | recipe | trained at | steps | tokens | tokens/s (median step) | final train loss |",
+              "|---|---|---|---|---|---|---|"]
+    for t in trains:
+        tps = f"{t['tokens_per_second']:,.0f}" if t.get("tokens_per_second") else "n/a"
+        loss = f"{t['final_train_loss']:.4f}" if t.get("final_train_loss") is not None else "n/a"
+        lines.append(f"| {t['name']} | `{t['recipe']}` | {t['seq_len']:,} | {t['steps']:,} | {t['tokens'] / 1e6:.1f}M | "
+                     f"{tps} | {loss} |")
+    if corpus:
+        split = {k: corpus[k] for k in ("train", "val", "test") if k in corpus}
+        lines += ["", f"Corpus: {corpus.get('corpus')}, built in {corpus.get('build_seconds')} s; "
+                  + "; ".join(f"{k} {v['documents']} documents, {v['tokens'] / 1e6:.1f}M tokens" for k, v in split.items())
+                  + f". Device: {first.get('device')}."]
+    lines += ["", f"Evaluation: {report['data']['description']}.", ""]
+    for protocol, title in (("non-overlapping", "Non-overlapping windows"), ("sliding", "Sliding windows")):
+        lines += [f"{title}, perplexity (95% interval):", "", table(report, "perplexity", 3, protocol, intervals=True), ""]
+        lines += ["Perplexity change with context (paired over documents; * = interval excludes 0):", ""]
+        lines += [x for x in comparison_tables(report, protocol)[: len(report["models"]) + 3]]
+    lines += ["", f"Verdict: **{verdict}** ({why}).", ""]
+    for k in ("R1", "R2", "R3", "R4", "R5", "control"):
+        ok, evidence = r[k]
+        lines.append(f"- {k}: {'holds' if ok else 'does not hold'}. {evidence}")
+    lines += ["", f"Per-position loss: `{out / 'loss_by_position.png'}`.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce_table2", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate some of the models side by side")
+    run.add_argument("--models", nargs="+", choices=list(MODELS), required=True)
+    run.add_argument("--preset", choices=list(PRESETS), default="h200")
+    run.add_argument("--steps", type=int, help="optimizer steps (at most; default: the preset's)")
+    run.add_argument("--budget_s", type=float, help="wall-clock budget of the whole run, evaluation included")
+    run.add_argument("--out_dir", help="run folders (default runs/table2-<date-time>)")
+    run.add_argument("--export", help="folder for the small result files (default <out_dir>/export)")
+    comb = sub.add_parser("combine", help="one report, intervals and the verdict from the export folders")
+    comb.add_argument("dirs", nargs="+")
+    comb.add_argument("--out_dir", required=True)
+    args = p.parse_args(argv)
+    return cmd_run(args) if args.command == "run" else cmd_combine(args)
 
 
 if __name__ == "__main__":

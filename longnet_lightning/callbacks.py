@@ -1,12 +1,15 @@
 """The callbacks the CLI adds: :class:`PredictionWriter` (completions out), :class:`LRMonitor`
-and :class:`ResumeAwareProgressBar`."""
+and :class:`ResumeAwareProgressBar`; and :class:`TimeBudget`, to train for a wall-clock budget."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 
@@ -74,4 +77,84 @@ class PredictionWriter(BasePredictionWriter):
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-__all__ = ["LRMonitor", "PredictionWriter"]
+class TimeBudget(Callback):
+    """Train as many optimizer steps as fit in a wall-clock budget, with the learning-rate decay
+    fitted to exactly that many steps (unlike ``trainer.max_time``, which stops in mid-schedule).
+
+    After ``skip_steps`` steps (compilation, cache warm-up) it times the next ``measure_steps``
+    optimizer steps, takes their median and sets ``max_steps`` to what fits before the deadline
+    (never more than the Trainer's own ``max_steps``). The decision falls inside the warm-up, whose
+    learning rates do not depend on the schedule's length, so the run is the one it would have
+    been with that ``max_steps`` from the start. The chosen length is saved in checkpoints, so a
+    resumed run keeps it.
+
+    Args:
+        minutes: budget from the start of training; or
+        until: the deadline as a Unix time (several runs sharing one machine and one deadline).
+        skip_steps, measure_steps: optimizer steps left untimed, then timed.
+        reserve_s: seconds kept free after training (e.g. for the final evaluation).
+    """
+
+    def __init__(self, minutes: float | None = None, until: float | None = None, skip_steps: int = 10,
+                 measure_steps: int = 20, reserve_s: float = 0.0):
+        if (minutes is None) == (until is None):
+            raise ValueError(f"TimeBudget: give minutes or until, not {'both' if minutes else 'neither'} "
+                             f"(minutes={minutes}, until={until})")
+        if minutes is not None and minutes <= 0:
+            raise ValueError(f"TimeBudget: minutes={minutes} must be positive")
+        if skip_steps < 0 or measure_steps < 2:
+            raise ValueError(f"TimeBudget: skip_steps={skip_steps} must be >= 0 and measure_steps={measure_steps} >= 2")
+        self.minutes, self.until, self.reserve_s = minutes, until, reserve_s
+        self.skip_steps, self.measure_steps = skip_steps, measure_steps
+        self.steps: int | None = None  # the chosen length, once decided
+        self.step_seconds: float | None = None
+        self._times: list[float] = []
+        self._deadline: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._deadline = self.until if self.until is not None else time.time() + 60.0 * self.minutes
+        self._deadline -= self.reserve_s
+        if self.steps is not None:  # resumed: the length chosen before
+            self._apply(trainer, pl_module, self.steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.steps is not None:
+            return
+        step = trainer.global_step
+        if step <= self.skip_steps or (self._times and self._times[-1][0] == step):
+            if step == self.skip_steps and not self._times:
+                self._times.append((step, time.perf_counter()))
+            return
+        self._times.append((step, time.perf_counter()))
+        if len(self._times) <= self.measure_steps:
+            return
+        dts = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(self._times, self._times[1:])]
+        self.step_seconds = statistics.median(dts)
+        fit = step + int(max(0.0, self._deadline - time.time()) / self.step_seconds)
+        cap = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else fit
+        self.steps = max(step + 1, min(cap, fit))
+        warmup = pl_module.hparams.get("warmup_steps", 0)
+        if step > warmup:
+            raise RuntimeError(f"TimeBudget decided at step {step}, after the warm-up ({warmup} steps): the "
+                               "learning rates so far depended on the old length; lower skip_steps + measure_steps "
+                               "or raise model.warmup_steps")
+        rank_zero_info(f"TimeBudget: {self.step_seconds:.3f} s per optimizer step; training {self.steps} steps "
+                       f"(of max_steps {cap}) to end by {time.strftime('%H:%M:%S', time.localtime(self._deadline))}")
+        self._apply(trainer, pl_module, self.steps)
+
+    def _apply(self, trainer, pl_module, steps: int) -> None:
+        trainer.fit_loop.epoch_loop.max_steps = steps
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if hasattr(sched, "lr_lambdas") and hasattr(pl_module, "lr_schedule"):
+                sched.lr_lambdas = [pl_module.lr_schedule(steps, pl_module.effective_warmup_steps(steps))
+                                    for _ in sched.lr_lambdas]
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "step_seconds": self.step_seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.steps, self.step_seconds = state_dict.get("steps"), state_dict.get("step_seconds")
+
+
+__all__ = ["LRMonitor", "PredictionWriter", "TimeBudget"]

@@ -66,7 +66,7 @@ class LongNetLM(L.LightningModule):
     """LongNet causal language model for Lightning (training, evaluation, generation).
 
     Args:
-        model: size preset from ``longnet_lightning.PRESETS``: "tiny", "small", "125M", "350M",
+        model: size preset from ``longnet_lightning.PRESETS``: "tiny", "small", "24M", "125M", "350M",
             "760M" or "2.7B".
         vocab_size: vocabulary size; seq_len: training sequence length (generation keeps at most
             this many tokens of context; None: no limit). Both arrive by one route, as

@@ -34,6 +34,7 @@ PATTERNS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=4, ffn_dim=256, pattern="tiny"),
     "small": dict(n_layer=4, n_embd=256, n_head=8, ffn_dim=1024, pattern="small"),
+    "24M": dict(n_layer=6, n_embd=576, n_head=12, ffn_dim=2304, pattern="paper"),  # the Table 2 reproduction
     "125M": dict(n_layer=12, n_embd=768, n_head=12, ffn_dim=3072, pattern="paper"),
     "350M": dict(n_layer=24, n_embd=1024, n_head=16, ffn_dim=4096, pattern="paper"),
     "760M": dict(n_layer=24, n_embd=1536, n_head=16, ffn_dim=6144, pattern="paper"),

@@ -174,8 +174,10 @@ def test_cli_copy_text_table_csv_png_agree(copy_setup, capsys, tmp_path):
     table = (out / "table.md").read_text()
     for m in report["models"]:
         row = next(line for line in table.splitlines() if line.startswith(f"| {m['name']} |"))
-        cells = [f"{r['perplexity']:.3f}" for r in m["results"]]
+        cells = [f"{r['perplexity']:.3f} [{r['interval']['low']:.3f}, {r['interval']['high']:.3f}]"
+                 for r in m["results"]]
         assert row.split(" | ")[2:] == cells[:-1] + [cells[-1] + " |"]
+        assert all(r["interval"]["low"] <= r["perplexity"] <= r["interval"]["high"] for r in m["results"])
         assert row in stdout
     assert "Protocol:" in table and "shorter window" in table
 
@@ -219,11 +221,13 @@ def test_cli_jsonl_data_stride_and_max_tokens_are_reported(copy_setup, capsys, t
     m = report["models"][0]
     assert m["cap"] == {"max_tokens": 700, "tokens_used": 700, "tokens_available": 1040,
                         "documents_used": 4, "documents_available": 4}  # 300 + 200 + 40 + the first 160 of 500
-    assert all(r["tokens"] == 299 + 199 + 39 + 159 and r["stride"] == 16 for r in m["results"])
+    assert all(r["tokens"] == 299 + 199 + 39 + 159 for r in m["results"])
+    assert {(r["protocol"], r["context_length"], r["stride"]) for r in m["results"]} == {
+        ("non-overlapping", 32, 32), ("non-overlapping", 128, 128), ("sliding", 32, 16), ("sliding", 128, 16)}
     assert "reading 700 of 1,040 tokens" in stderr and "700 of 1,040 tokens read" in (out / "table.md").read_text()
     assert "context 128: 1 of 4 documents have fewer than 129 tokens" in stderr  # the 40-token one, reported
     assert "context 32:" not in stderr
-    assert report["models"][0]["results"][1]["short_documents"] == 1
+    assert [r["short_documents"] for r in m["results"]] == [0, 1, 0, 1]
     assert "sliding windows" in report["protocol"]["description"]
 
 
@@ -321,3 +325,141 @@ def test_a_run_folder_is_its_newest_last_checkpoint(tmp_path, capsys):
     assert "using the newest last.ckpt" in stderr and "version_3" in stderr
     code, _, stderr = run_cli(capsys, "--ckpt_path", tmp_path / "run" / "lightning_logs", "--data_path", docs)
     assert code == 2 and "no last.ckpt found in that folder" in stderr
+
+
+# ----------------------------------------------------------------------------- documents, intervals, patterns
+
+
+def test_per_document_sums_are_each_document_scored_alone(tiny_net):
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 257, size=n) for n in (1, 40, 97, 200)]
+    res = evaluate_perplexity(tiny_net, docs, 32, 8, batch_size=5, progress=False)
+    assert res.document_tokens.tolist() == [0, 39, 96, 199]
+    assert math.isclose(res.document_nll.sum(), res.nll_sum, rel_tol=1e-9)
+    for i, d in enumerate(docs):
+        alone = evaluate_perplexity(tiny_net, [d], 32, 8, batch_size=1, progress=False)
+        assert math.isclose(res.document_nll[i], alone.nll_sum, rel_tol=1e-5, abs_tol=1e-9)
+
+
+def test_bootstrap_intervals_are_paired_seeded_and_contain_the_estimate():
+    from longnet_lightning.evaluation.intervals import (
+        perplexity_interval, relative_difference, resample_weights, resampled_perplexity)
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(100, 1000, size=30).astype(float)
+    nll = tokens * rng.uniform(1.0, 2.0, size=30)
+    w = resample_weights(30, 500, seed=1)
+    assert w.shape == (500, 30) and (w.sum(1) == 30).all()
+    assert (w == resample_weights(30, 500, seed=1)).all() and not (w == resample_weights(30, 500, seed=2)).all()
+    idx = np.repeat(np.arange(30), w[7].astype(int))  # resample 7 as an explicit draw of documents
+    assert math.isclose(resampled_perplexity(nll, tokens, w)[7], math.exp(nll[idx].sum() / tokens[idx].sum()))
+    iv = perplexity_interval(nll, tokens, w)
+    assert iv["low"] < iv["estimate"] < iv["high"] and iv["estimate"] == pytest.approx(math.exp(nll.sum() / tokens.sum()))
+    flat = perplexity_interval(tokens * 1.5, tokens, w)  # every document alike: no spread
+    assert flat["low"] == pytest.approx(flat["high"]) == pytest.approx(math.exp(1.5))
+    same = relative_difference((nll, tokens), (nll, tokens), w)
+    assert same["percent"] == 0 and same["low"] == same["high"] == 0 and not same["excludes_zero"]
+    better = relative_difference((nll, tokens), (nll - 0.01 * tokens * rng.uniform(0.5, 1.5, 30), tokens), w)
+    assert better["high"] < 0 and better["excludes_zero"] and better["low"] < better["percent"] < better["high"]
+    # paired: a shift shared by both sides cancels, so the interval is narrower than unpaired ones
+    wide = perplexity_interval(nll, tokens, w)
+    assert better["high"] - better["low"] < 100 * (wide["high"] - wide["low"]) / wide["estimate"]
+    with pytest.raises(ValueError, match="same documents"):
+        relative_difference((nll, tokens), (nll[:5], tokens[:5]), w)
+
+
+def test_cli_patterns_document_selection_and_combined_reports(copy_setup, capsys, tmp_path):
+    """--patterns trained capped: one row each, shared numbers where the branches are the same;
+    --min/--max_document_tokens select and cut documents; --from_results of two one-model
+    evaluations equals one evaluation of both models, intervals and paired differences included."""
+    base = ("--data_path", copy_setup["docs"], "--split", "test", "--test_fraction", "0.1", "--val_fraction", "0.0",
+            "--cache_dir", copy_setup["cache"], "--min_document_tokens", 200, "--max_document_tokens", 300,
+            "--context_lengths", 32, 64, 128, "--stride", "c/4", "--bootstrap_resamples", 300)
+    both = tmp_path / "both"
+    code, stdout, stderr = run_cli(capsys, "--ckpt_path", copy_setup["longnet"], copy_setup["dense"],
+                                   "--patterns", "trained", "capped", "32,64:1,2", "--out_dir", both, *base)
+    assert code == 0, stderr
+    report = json.loads((both / "results.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["LongNet 64", "LongNet 64, capped at 64", "LongNet 64, w 32,64 r 1,2", "Transformer 16"]
+    assert "dense attention has no pattern; capped, 32,64:1,2 not applied" in stderr
+    trained, capped, explicit, dense = report["models"]
+    assert trained["segment_lengths"] == [32, 64, 128] and capped["segment_lengths"] == [32, 64, 64]
+    assert capped["trained_pattern"] == {"segment_lengths": [32, 64, 128], "dilation_rates": [1, 2, 4]}
+    key = lambda r: (r["protocol"], r["context_length"])  # noqa: E731
+    t, c = {key(r): r for r in trained["results"]}, {key(r): r for r in capped["results"]}
+    for k in t:  # up to the training length the capped pattern runs the same branches
+        if k[1] <= 64:
+            assert c[k]["same_as"] == "LongNet 64" and c[k]["nll_sum"] == t[k]["nll_sum"]
+        else:
+            assert "same_as" not in c[k] and c[k]["nll_sum"] != t[k]["nll_sum"]
+    # the capped row is the model built with the capped pattern
+    from longnet_lightning.checkpoint import build_model, model_config, read_checkpoint
+    import dataclasses
+
+    raw = read_checkpoint(copy_setup["longnet"])
+    net = build_model(raw, config=dataclasses.replace(model_config(raw), segment_lengths=[32, 64, 64]))
+    sel = report["data"]["selection"]
+    assert sel["min_document_tokens"] == 200 and sel["max_document_tokens"] == 300 and sel["documents"] >= 3
+    assert all(200 <= n <= 300 for n in report["data"]["scored_documents"]["tokens"])
+    assert f"{sel['documents']} of {sel['documents_before']} documents" in report["data"]["description"]
+    from longnet_lightning.data.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("byte")
+    from longnet_lightning.data.cache import Corpus, SplitSpec, build_token_cache
+
+    cache = build_token_cache(Corpus.from_paths(str(copy_setup["docs"])), tok, SplitSpec(0.0, 0.1, 1234),
+                              copy_setup["cache"])
+    split = cache.split("test")
+    tokens = split.tokens()
+    docs = [tokens[o:o + n][:300] for o, n in zip(split.offsets.tolist(), split.lengths.tolist()) if n >= 200]
+    direct = evaluate_perplexity(net, docs, 128, None, progress=False)
+    assert math.isclose(direct.nll_sum, c[("non-overlapping", 128)]["nll_sum"], rel_tol=1e-6)
+    # sliding windows beside non-overlapping ones: a quarter of each context
+    assert {(r["protocol"], r["context_length"], r["stride"]) for r in trained["results"]} == {
+        ("non-overlapping", 32, 32), ("non-overlapping", 64, 64), ("non-overlapping", 128, 128),
+        ("sliding", 32, 8), ("sliding", 64, 16), ("sliding", 128, 32)}
+    # paired comparisons: every pair of contexts of each row, every pair of rows at each context
+    comp = report["comparisons"]
+    assert len(comp["contexts"]) == 4 * 2 * 3 and len(comp["models"]) == 6 * 2 * 3
+    d = next(x for x in comp["contexts"] if x["model"] == "LongNet 64" and x["protocol"] == "non-overlapping"
+             and (x["from"], x["to"]) == (32, 64))
+    r32, r64 = t[("non-overlapping", 32)], t[("non-overlapping", 64)]
+    assert d["percent"] == pytest.approx(100 * (r64["perplexity"] / r32["perplexity"] - 1))
+    assert d["low"] <= d["percent"] <= d["high"]
+    table = (both / "table.md").read_text()
+    assert "## Sliding windows" in table and "32 → 64" in table and "vs LongNet 64" in table
+    assert "LongNet 64, capped at 64" in stdout
+
+    # the same, evaluated separately and combined
+    parts = []
+    for ckpt, patterns in ((copy_setup["longnet"], ("trained", "capped", "32,64:1,2")), (copy_setup["dense"], ())):
+        out = tmp_path / f"part{len(parts)}"
+        code, _, stderr = run_cli(capsys, "--ckpt_path", ckpt, "--out_dir", out, *base,
+                                  *(("--patterns", *patterns) if patterns else ()))
+        assert code == 0, stderr
+        parts.append(out / "results.json")
+    code, _, stderr = run_cli(capsys, "--from_results", *parts, "--bootstrap_resamples", 300,
+                              "--out_dir", tmp_path / "combined")
+    assert code == 0, stderr
+    combined = json.loads((tmp_path / "combined" / "results.json").read_text())
+    assert [m["name"] for m in combined["models"]] == names
+    assert combined["comparisons"] == report["comparisons"]
+    for a, b in zip(combined["models"], report["models"]):
+        assert [r["interval"] for r in a["results"]] == [r["interval"] for r in b["results"]]
+
+    # bad input: one line each
+    other = tmp_path / "other"
+    code, _, stderr = run_cli(capsys, "--ckpt_path", copy_setup["dense"], "--out_dir", other,
+                              *base[:-8], "--min_document_tokens", 250, "--context_lengths", 32, 64, 128,
+                              "--stride", "c/4")
+    assert code == 0, stderr
+    msg = error_of(capsys, "--from_results", parts[0], other / "results.json", "--out_dir", tmp_path / "x")
+    assert "scored other documents" in msg
+    assert "not both" in error_of(capsys, "--ckpt_path", copy_setup["dense"], "--from_results", parts[0])
+    assert "does not exist" in error_of(capsys, "--from_results", tmp_path / "nope.json")
+    assert "no document is that long" in error_of(capsys, "--ckpt_path", copy_setup["dense"], *base[:-8],
+                                                  "--min_document_tokens", 10**6, "--context_lengths", 32)
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "--ckpt_path", copy_setup["dense"], "--patterns", "bogus")
+    assert "is not a pattern" in capsys.readouterr().err

@@ -73,7 +73,9 @@ def test_evaluate_gives_the_recorded_numbers(fixed, extra, tmp_path):
                  "--out_dir", str(out), "--cache_dir", str(root / "cache"), *extra])
     assert code == 0
     results = json.loads((out / "results.json").read_text())["models"][0]["results"]
-    got = {r["context_length"]: (r["tokens"], r["perplexity"], r["bits_per_byte"]) for r in results}
+    protocol = "sliding" if "--stride" in extra else "non-overlapping"  # --stride adds sliding windows beside
+    got = {r["context_length"]: (r["tokens"], r["perplexity"], r["bits_per_byte"])
+           for r in results if r["protocol"] == protocol}
     assert set(got) == set(GOLDEN[extra])
     for c, (tokens, ppl, bpb) in GOLDEN[extra].items():
         assert got[c][0] == tokens
@@ -117,7 +119,8 @@ def test_evaluate_over_a_sequence_group_gives_the_same_numbers(fixed, tmp_path, 
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())["models"][0]["results"]
-    for r in results:
+    protocol = "sliding" if "--stride" in extra else "non-overlapping"
+    for r in (r for r in results if r["protocol"] == protocol):
         tokens, ppl, bpb = GOLDEN[extra][r["context_length"]]
         assert r["tokens"] == tokens
         assert r["perplexity"] == pytest.approx(ppl, rel=1e-6) and r["bits_per_byte"] == pytest.approx(bpb, rel=1e-6)

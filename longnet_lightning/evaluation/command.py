@@ -45,6 +45,7 @@ import torch
 from .. import checkpoint as ckpt_format
 from .buckets import bucket_edges
 from .perplexity import PRECISIONS, EvaluationError, evaluate_perplexity, max_context_length, resolve_precision
+from .intervals import add_intervals
 from .report import context_label, table, write_report
 
 DEBUG_ENV = "LONGNET_DEBUG"
@@ -78,6 +79,43 @@ def _positive(text: str) -> int:
     return value
 
 
+def _stride(text: str) -> int | str:
+    """A stride: a token count (512, 2K) or a fraction of each context length ('c/4')."""
+    m = re.fullmatch(r"\s*c\s*/\s*(\d+)\s*", text)
+    if m:
+        if int(m.group(1)) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: the divisor must be at least 1 (c/1 = non-overlapping)")
+        return f"c/{int(m.group(1))}"
+    return _length(text)
+
+
+def stride_for(stride: int | str | None, context: int) -> int | None:
+    """The stride in tokens for one context length (``c/k`` → ``max(1, c // k)``)."""
+    if isinstance(stride, str):
+        return max(1, context // int(stride.split("/")[1]))
+    return stride
+
+
+def _pattern(text: str) -> str:
+    """An evaluation-time attention pattern: 'trained', 'capped', 'cap=N' or 'W1,W2,..:R1,R2,..'."""
+    text = text.strip()
+    if text in ("trained", "capped"):
+        return text
+    m = re.fullmatch(r"cap=(.+)", text)
+    if m:
+        return f"cap={_length(m.group(1))}"
+    m = re.fullmatch(r"([\dkKmM, ]+):([\d, ]+)", text)
+    if m:
+        w = [_length(x) for x in m.group(1).split(",") if x.strip()]
+        r = [_positive(x) for x in m.group(2).split(",") if x.strip()]
+        if len(w) != len(r) or not w:
+            raise argparse.ArgumentTypeError(f"{text!r}: give one dilation rate per segment length, e.g. 2K,4K:1,2")
+        return ",".join(map(str, w)) + ":" + ",".join(map(str, r))
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a pattern; use trained, capped (segments cut at the training length), cap=8K, "
+        "or explicit segments:dilations such as 2K,4K,8K:1,2,4")
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -104,8 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     m = p.add_argument_group("models")
-    m.add_argument("--ckpt_path", nargs="+", required=True, metavar="CKPT",
+    m.add_argument("--ckpt_path", nargs="+", metavar="CKPT",
                    help="one or more LongNetLM checkpoints or run folders (their newest last.ckpt); rows of the table")
+    m.add_argument("--from_results", nargs="+", metavar="JSON",
+                   help="instead of --ckpt_path: combine the results.json of earlier evaluations of the same documents "
+                   "(e.g. one per machine) into one report, with intervals and paired differences across all models")
+    m.add_argument("--patterns", nargs="+", type=_pattern, default=["trained"], metavar="PATTERN",
+                   help="attention patterns to evaluate dilated models with (one row each; the weights do not depend "
+                   "on the pattern): trained; capped (every segment cut at the training length, so no branch runs "
+                   "at lengths or distances it never saw); cap=8K; or explicit segments:dilations, e.g. "
+                   "2K,4K,8K:1,2,4. Dense models run as trained")
     m.add_argument("--names", nargs="+", metavar="NAME",
                    help="a display name per checkpoint (default: e.g. 'LongNet 8K', 'Transformer 2K')")
     m.add_argument("--tokenizer", metavar="SPEC",
@@ -130,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pack_documents", "--pack", action="store_true", dest="pack_documents",
                    help="join the documents, each followed by EOS, into one sequence (as packed training); "
                    "default: each document alone")
+    d.add_argument("--min_document_tokens", type=_length, metavar="N",
+                   help="keep only documents of at least N tokens (e.g. the longest context + 1, so every column "
+                   "scores full windows); how many are kept is reported")
+    d.add_argument("--max_document_tokens", type=_length, metavar="N",
+                   help="score only the first N tokens of each document (applied after --min_document_tokens); "
+                   "reported")
     d.add_argument("--max_tokens", type=_positive,
                    help="read only the first N tokens of the data (documents in order, the last one cut); "
                    "how many of how many is reported")
@@ -138,9 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("protocol")
     e.add_argument("--context_lengths", nargs="+", type=_length, metavar="C",
                    help="window sizes in tokens, e.g. 2048 8K 32K (default: the checkpoints' training lengths)")
-    e.add_argument("--stride", type=_length,
-                   help="score only the last STRIDE targets of each window after the first (sliding windows; "
-                   "must not exceed any context length); default: the context length = non-overlapping windows")
+    e.add_argument("--stride", type=_stride,
+                   help="also score with sliding windows, reported beside the non-overlapping ones: each window "
+                   "after the first scores only its last STRIDE targets, so each of those has at least c - STRIDE "
+                   "tokens of context. A token count (at most the shortest context length) or c/K for a K-th of "
+                   "each context length, e.g. c/4")
+    e.add_argument("--bootstrap_resamples", type=_positive, default=2000,
+                   help="bootstrap resamples (over documents) for the intervals and paired differences")
+    e.add_argument("--confidence", type=_fraction, default=0.95, help="confidence level of the intervals")
     e.add_argument("--buckets_per_doubling", type=_positive, default=1,
                    help="log-spaced position buckets per doubling of the position (1: 1, 2, 3-4, 5-8, ...)")
     r = p.add_argument_group("run")
@@ -290,11 +347,37 @@ class EvalData:
     """Tokenised documents for one tokenizer, and what they are."""
 
     docs: list  # 1-D integer arrays (memmap views)
+    names: list  # one per document (the data module's document names)
     token_bytes: np.ndarray
     description: str
     documents_available: int
     tokens_available: int
     cap: dict | None  # what --max_tokens cut, or None
+    selection: dict | None = None  # what --min_document_tokens / --max_document_tokens kept, or None
+
+    def select(self, min_tokens: int | None, max_tokens: int | None) -> None:
+        """Keep documents of at least ``min_tokens`` tokens, then score only the first ``max_tokens`` of each."""
+        if min_tokens is None and max_tokens is None:
+            return
+        before = (len(self.docs), int(sum(len(d) for d in self.docs)))
+        keep = [i for i, d in enumerate(self.docs) if min_tokens is None or len(d) >= min_tokens]
+        if not keep:
+            longest = max((len(d) for d in self.docs), default=0)
+            raise EvaluationError(f"--min_document_tokens {min_tokens}: no document is that long (the longest has "
+                                  f"{longest:,} tokens; {self.description}); lower it or give longer documents.")
+        cut = sum(1 for i in keep if max_tokens is not None and len(self.docs[i]) > max_tokens)
+        self.docs = [self.docs[i][:max_tokens] if max_tokens else self.docs[i] for i in keep]
+        self.names = [self.names[i] for i in keep]
+        self.selection = {"min_document_tokens": min_tokens, "max_document_tokens": max_tokens,
+                          "documents_before": before[0], "tokens_before": before[1], "documents": len(self.docs),
+                          "tokens": int(sum(len(d) for d in self.docs)), "documents_cut": cut}
+        what = []
+        if min_tokens is not None:
+            what.append(f"documents of at least {min_tokens:,} tokens")
+        if max_tokens is not None:
+            what.append(f"the first {max_tokens:,} tokens of each ({cut} cut)")
+        self.description += (f"; scoring {' and '.join(what)}: {len(self.docs)} of {before[0]} documents, "
+                             f"{self.selection['tokens']:,} of {before[1]:,} tokens")
 
 
 def data_source(args: argparse.Namespace, first: Checkpoint) -> dict:
@@ -372,9 +455,10 @@ def load_documents(source: dict, tokenizer, pack: bool, max_tokens: int | None, 
     split = cache.split(split_name)
     tokens = split.tokens()
     if pack:
-        docs = [tokens] if split.n_tokens else []
+        docs, names = ([tokens], ["<packed>"]) if split.n_tokens else ([], [])
     else:
         docs = [tokens[o:o + n] for o, n in zip(split.offsets.tolist(), split.lengths.tolist())]
+        names = [str(x) for x in split.names]
     n_docs, n_tokens = len(split.names), int(sum(len(d) for d in docs))
     longest = max((len(d) for d in docs), default=0)
     cap = None
@@ -385,6 +469,7 @@ def load_documents(source: dict, tokenizer, pack: bool, max_tokens: int | None, 
                 break
             kept.append(d[:left])
             left -= len(kept[-1])
+        names = names[:len(kept)]
         cap = {"max_tokens": max_tokens, "tokens_used": int(sum(len(d) for d in kept)),
                "tokens_available": n_tokens, "documents_used": len(kept), "documents_available": len(docs)}
         docs = kept
@@ -394,7 +479,7 @@ def load_documents(source: dict, tokenizer, pack: bool, max_tokens: int | None, 
     desc += f": {n_docs} documents, {n_tokens:,} tokens" + (" joined with EOS into one sequence" if pack else "")
     if not pack:
         desc += f" (longest {longest:,})"
-    return EvalData(docs, tokenizer.token_bytes(), desc, n_docs, n_tokens, cap)
+    return EvalData(docs, names, tokenizer.token_bytes(), desc, n_docs, n_tokens, cap)
 
 
 def check_lengths(data: EvalData, contexts: list[int], pack: bool) -> None:
@@ -417,10 +502,69 @@ def check_lengths(data: EvalData, contexts: list[int], pack: bool) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- patterns
+
+
+@dataclass
+class Variant:
+    """One row of the report: a checkpoint run with one attention pattern."""
+
+    name: str
+    pattern: str  # 'trained', 'capped at 8K', 'explicit' or 'dense'
+    config: Any  # the LongNetConfig that runs
+
+
+def pattern_variants(ckpt: Checkpoint, name: str, patterns: list[str]) -> tuple[list[Variant], list[str]]:
+    """The rows for one checkpoint (one per pattern; a dense model has one) and notes on what was skipped."""
+    import dataclasses
+
+    cfg = ckpt.config
+    if cfg.attention != "dilated":
+        skipped = [p for p in patterns if p != "trained"]
+        note = [f"{name}: dense attention has no pattern; {', '.join(skipped)} not applied"] if skipped else []
+        return [Variant(name, "dense", cfg)], note
+    rows, seen, notes = [], {}, []
+    for p in patterns:
+        w, r = list(cfg.segment_lengths), list(cfg.dilation_rates)
+        if p == "trained":
+            label, row_name = "trained", name
+        elif p == "capped" or p.startswith("cap="):
+            cap = ckpt.train_seq_len if p == "capped" else int(p.split("=")[1])
+            if cap is None:
+                raise EvaluationError(f"--patterns capped: {ckpt.path} stores no training length (seq_len); "
+                                      "give cap=N instead.")
+            w = [min(x, cap) for x in w]
+            label = f"capped at {context_label(cap)}"
+            row_name = f"{name}, {label}"
+        else:
+            ws, rs = p.split(":")
+            w, r = [int(x) for x in ws.split(",")], [int(x) for x in rs.split(",")]
+            label = "explicit"
+            row_name = f"{name}, w {ws} r {rs}"
+        key = (tuple(w), tuple(r))
+        if key in seen:
+            notes.append(f"{row_name}: the same pattern as {seen[key]}; evaluated once")
+            continue
+        try:
+            config = dataclasses.replace(cfg, segment_lengths=w, dilation_rates=r)
+        except ValueError as e:
+            raise EvaluationError(f"--patterns {p}: {e}") from None
+        seen[key] = row_name
+        rows.append(Variant(row_name, label, config))
+    return rows, notes
+
+
+def effective_pattern(config, n: int) -> tuple | None:
+    """The branches that run on a window of ``n`` tokens (segments cut to it); None for dense."""
+    if config.attention != "dilated":
+        return None
+    return tuple((min(w, n), r) for w, r in zip(config.segment_lengths, config.dilation_rates))
+
+
 # ----------------------------------------------------------------------------- protocol text
 
 
-def protocol_description(stride: int | None, pack: bool) -> str:
+def protocol_description(stride: int | str | None, pack: bool) -> str:
     seq = "the packed sequence" if pack else "each document (windows never cross documents)"
     targets = ("every token but the first is a target" if pack else
                "every token but a document's first is a target")
@@ -429,9 +573,11 @@ def protocol_description(stride: int | None, pack: bool) -> str:
                "a target is predicted from the tokens before it in its window (1 to c of them); "
                "the last window is aligned to the end and scores only targets not scored yet")
     else:
-        how = (f"sliding windows of c tokens over {seq}, moving {stride} tokens at a time: the first window "
-               f"scores all its targets, each later one only its last {stride}, so every later target has at "
-               f"least c - {stride} tokens of context; the last window is aligned to the end")
+        s = f"c/{stride.split('/')[1]} (a {stride.split('/')[1]}th of c)" if isinstance(stride, str) else str(stride)
+        how = (f"non-overlapping windows of c tokens (c = the column's context length) over {seq}, the last one "
+               "aligned to the end, scoring only targets not scored yet; and, reported beside them, sliding "
+               f"windows of c tokens moving {s} tokens at a time: the first window scores all its targets, each "
+               f"later one only its last {s}, so every later target has at least c - {s} tokens of context")
     return (f"{targets}, scored exactly once at every context length, so every column averages the same "
             f"targets; {how}. A document with fewer than c + 1 tokens is one shorter window (counted below). "
             "Perplexity = exp(mean NLL); bits per byte = total NLL / ln 2 / UTF-8 bytes of the scored targets. "
@@ -499,6 +645,14 @@ def _is_main() -> bool:
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Evaluate; returns the report dict (also written to --out_dir)."""
+    if args.from_results:
+        if args.ckpt_path:
+            raise EvaluationError("give --ckpt_path or --from_results, not both.")
+        return combine_reports([Path(p) for p in args.from_results], argv, args.bootstrap_resamples, args.confidence)
+    if not args.ckpt_path:
+        raise EvaluationError("give --ckpt_path (checkpoints to evaluate) or --from_results (reports to combine).")
+    if not 0 < args.confidence < 1:
+        raise EvaluationError(f"--confidence {args.confidence} must be between 0 and 1, e.g. 0.95.")
     group, device = sequence_group(_device(args.device))
     ckpts = [read_model_checkpoint(p, args.tokenizer) for p in args.ckpt_path]
     names = _names(args, ckpts)
@@ -508,10 +662,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         if not contexts:
             raise EvaluationError("the checkpoints store no training length; give --context_lengths, e.g. 2048 8192.")
     contexts = sorted(set(contexts))
-    if args.stride is not None and args.stride > contexts[0]:
+    if isinstance(args.stride, int) and args.stride > contexts[0]:
         raise EvaluationError(
             f"--stride {args.stride} is longer than the context length {contexts[0]}; "
-            f"use a stride of at most {contexts[0]} (or drop --stride for non-overlapping windows)."
+            f"use a stride of at most {contexts[0]}, a fraction such as c/4, or drop --stride."
         )
     for name, c in zip(names, ckpts):  # every model must take every context length, checked before any work
         too_long = [n for n in contexts if c.limit is not None and n > c.limit]
@@ -520,6 +674,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 f"{name} ({c.path}) cannot take context length(s) {too_long}: {c.limit_reason} works up to "
                 f"{c.limit} positions; use --context_lengths of at most {c.limit} for it."
             )
+    variants, pattern_notes = [], []
+    for name, c in zip(names, ckpts):
+        rows, notes = pattern_variants(c, name, args.patterns)
+        variants.append(rows)
+        pattern_notes += notes
     source = data_source(args, ckpts[0])
     data_by_tokenizer: dict[str, EvalData] = {}
     for c in ckpts:
@@ -532,6 +691,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             except (FileNotFoundError, ValueError) as e:  # the data module's messages name the problem and fix
                 where = "--data_path" if args.data_path is not None else f"the training data stored in {ckpts[0].path}"
                 raise EvaluationError(f"{where}: {e}") from e
+            data.select(args.min_document_tokens, args.max_document_tokens)
             check_lengths(data, contexts, args.pack_documents)
             data_by_tokenizer[fp] = data
     first = data_by_tokenizer[ckpts[0].tokenizer.fingerprint()]
@@ -548,36 +708,58 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                  f"{n + 1:,} tokens; each is scored as one shorter window")
     if len(data_by_tokenizer) > 1:
         _log("note: the checkpoints use different tokenizers; compare them by bits per byte, not perplexity")
-    context_notes = {name: c.context_notes(name, contexts) for name, c in zip(names, ckpts)}
-    for lines in context_notes.values():
-        for line in lines:
-            _log(f"note: {line}")
+    trained_configs = [c.config for c in ckpts]
+    context_notes = {}
+    for c, rows in zip(ckpts, variants):
+        for row in rows:
+            c.config = row.config
+            context_notes[row.name] = c.context_notes(row.name, contexts)
+    for line in [*pattern_notes, *(x for lines in context_notes.values() for x in lines)]:
+        _log(f"note: {line}")
+    protocols = [("non-overlapping", None)] + ([("sliding", args.stride)] if args.stride is not None else [])
 
     edges = bucket_edges(max(contexts), args.buckets_per_doubling)
     models = []
-    for name, c in zip(names, ckpts):
+    for name, c, rows in zip(names, ckpts, variants):
         data = data_by_tokenizer[c.tokenizer.fingerprint()]
-        net = c.build(device)
+        done: dict[tuple, dict] = {}  # (protocol, context, effective pattern) -> result, shared across rows
+        for row in rows:
+            c.config = row.config
+            net = c.build(device)
+            results = []
+            for protocol, stride in protocols:
+                for n in contexts:
+                    key = (protocol, n, effective_pattern(row.config, n))
+                    if key in done:  # the same branches run at this length: the same numbers
+                        results.append({**done[key], "pattern": row.pattern, "same_as": done[key]["row"]})
+                        continue
+                    s = stride_for(stride, n)
+                    res = evaluate_perplexity(
+                        net, data.docs, n, s, token_bytes=data.token_bytes, batch_size=args.batch_size,
+                        batch_tokens=args.batch_tokens, precision=args.precision,
+                        progress=not args.no_progress and _is_main(),
+                        desc=f"{row.name} @ {context_label(n)}" + (f" stride {s}" if s else ""), group=group,
+                    )
+                    bpb = f"  bits/byte {res.bits_per_byte:.4f}" if res.bits_per_byte is not None else ""
+                    _log(f"{row.name} @ {context_label(n)} {protocol}: perplexity {res.perplexity:.4f}  mean NLL "
+                         f"{res.mean_nll:.4f}{bpb}  ({res.tokens:,} targets, {res.windows:,} windows, "
+                         f"{res.seconds:.1f} s)")
+                    done[key] = {**res.summary(), "protocol": protocol, "buckets": res.buckets(edges), "row": row.name}
+                    results.append({**done[key], "pattern": row.pattern})
+            info = c.info()
+            trained = trained_configs[ckpts.index(c)]
+            models.append({"name": row.name, **info, "pattern": row.pattern,
+                           "trained_pattern": None if trained.attention != "dilated" else
+                           {"segment_lengths": list(trained.segment_lengths),
+                            "dilation_rates": list(trained.dilation_rates)},
+                           "precision": _precision_used(args.precision, device), "cap": data.cap,
+                           "context_notes": context_notes[row.name], "results": results})
+            del net
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         c.raw = {k: v for k, v in c.raw.items() if k != "state_dict"}  # drop the mapped weights
-        results = []
-        for n in contexts:
-            res = evaluate_perplexity(
-                net, data.docs, n, args.stride, token_bytes=data.token_bytes, batch_size=args.batch_size,
-                batch_tokens=args.batch_tokens, precision=args.precision,
-                progress=not args.no_progress and _is_main(), desc=f"{name} @ {context_label(n)}", group=group,
-            )
-            bpb = f"  bits/byte {res.bits_per_byte:.4f}" if res.bits_per_byte is not None else ""
-            _log(f"{name} @ {context_label(n)}: perplexity {res.perplexity:.4f}  mean NLL {res.mean_nll:.4f}{bpb}  "
-                 f"({res.tokens:,} targets, {res.windows:,} windows, {res.seconds:.1f} s)")
-            results.append({**res.summary(), "buckets": res.buckets(edges)})
-        info = c.info()
-        models.append({"name": name, **info, "precision": _precision_used(args.precision, device),
-                       "cap": data.cap, "context_notes": context_notes[name], "results": results})
-        del net
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {
+    report = {
         "command": "python -m longnet_lightning evaluate " + shlex.join(argv),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -585,6 +767,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "protocol": {
             "description": protocol_description(args.stride, args.pack_documents),
             "stride": args.stride,
+            "protocols": [p for p, _ in protocols],
             "pack_documents": args.pack_documents,
             "position": "tokens of context the target is predicted from, 1..context_length",
             "bucket_upper_edges": edges.tolist(),
@@ -597,10 +780,53 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "documents": first.documents_available,
             "tokens": first.tokens_available,
             "max_tokens": args.max_tokens,
+            "selection": first.selection,
+            "scored_documents": {"names": first.names, "tokens": [int(len(d)) for d in first.docs]},
         },
         "context_lengths": contexts,
+        "notes": pattern_notes,
         "models": models,
     }
+    return add_intervals(report, args.bootstrap_resamples, args.confidence)
+
+
+def combine_reports(paths: list[Path], argv: list[str], resamples: int, confidence: float) -> dict:
+    """One report from the results.json of several evaluations of the same documents."""
+    import json
+
+    reports = []
+    for p in paths:
+        try:
+            reports.append(json.loads(p.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise EvaluationError(f"--from_results {str(p)!r} does not exist.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvaluationError(f"--from_results {str(p)!r} is not a results.json ({e}).") from None
+        if not isinstance(reports[-1], dict) or "models" not in reports[-1]:
+            raise EvaluationError(f"--from_results {str(p)!r} is not a results.json of evaluate (no 'models').")
+    base = reports[0]
+    docs = base["data"].get("scored_documents")
+    for p, r in zip(paths[1:], reports[1:]):
+        other = r["data"].get("scored_documents")
+        if docs is None or other != docs:
+            raise EvaluationError(
+                f"--from_results: {p} scored other documents than {paths[0]} (names or token counts differ); "
+                "combine only evaluations of the same documents (same data, split and document selection).")
+        if r["protocol"].get("stride") != base["protocol"].get("stride") or \
+                r["protocol"]["pack_documents"] != base["protocol"]["pack_documents"]:
+            raise EvaluationError(f"--from_results: {p} used another protocol (--stride / --pack_documents) than "
+                                  f"{paths[0]}; evaluate both the same way.")
+    models = [m for r in reports for m in r["models"]]
+    names = [m["name"] for m in models]
+    if len(set(names)) != len(names):
+        raise EvaluationError(f"--from_results: model names repeat ({names}); evaluate with distinct --names.")
+    report = {**base, "command": "python -m longnet_lightning evaluate " + shlex.join(argv),
+              "created": time.strftime("%Y-%m-%d %H:%M:%S"), "models": models,
+              "context_lengths": sorted({c for r in reports for c in r["context_lengths"]}),
+              "combined_from": [{"path": str(p), "command": r.get("command"), "device": r.get("device"),
+                                 "created": r.get("created")} for p, r in zip(paths, reports)],
+              "notes": [n for r in reports for n in r.get("notes", [])]}
+    return add_intervals(report, resamples, confidence)
 
 
 def _precision_used(precision: str, device: torch.device) -> str:
@@ -626,13 +852,22 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if isinstance(e, EvaluationError) else f"  (set {DEBUG_ENV}=1 for the traceback)"
         print(f"error: {msg}{hint}", file=sys.stderr)
         return 2
-    print()
-    print("Perplexity:")
-    print(table(report, "perplexity", 3))
-    if any(r.get("bits_per_byte") is not None for m in report["models"] for r in m["results"]):
+    from .report import PROTOCOL_TITLES, comparison_tables, protocols
+
+    for protocol in protocols(report):
         print()
-        print("Bits per byte:")
-        print(table(report, "bits_per_byte", 4))
+        print(f"Perplexity, {PROTOCOL_TITLES.get(protocol, protocol)}"
+              + (f" ({report['intervals']['confidence']:.0%} interval):" if report.get("intervals") else ":"))
+        print(table(report, "perplexity", 3, protocol, intervals=bool(report.get("intervals"))))
+        comp = comparison_tables(report, protocol)
+        if comp:
+            print()
+            print("Perplexity change (paired, percent; * = interval excludes 0):")
+            print("\n".join(comp).rstrip())
+        if any(r.get("bits_per_byte") is not None for m in report["models"] for r in m["results"]):
+            print()
+            print("Bits per byte:")
+            print(table(report, "bits_per_byte", 4, protocol))
     print()
     for key in ("table", "csv", "png", "json"):
         print(f"wrote {paths[key]}")

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import check_tokenizer
-from ..data.windows import LENGTH, SCORED, context_windows
+from ..data.windows import DOC, LENGTH, SCORED, context_windows
 from ..metrics import bits_per_byte, label_bytes
 from ..model import IGNORE_INDEX
 from .buckets import bucket_edges, bucketize
@@ -46,6 +46,8 @@ class ContextResult:
 
     ``position_nll`` / ``position_count`` (length ``context_length``): NLL sum and number of
     targets at each position (index j = position j + 1 = predicted from j + 1 tokens).
+    ``document_nll`` / ``document_tokens`` (one per input document, in input order): NLL sum and
+    scored targets of each document, the units that :mod:`.intervals` resamples.
     """
 
     context_length: int
@@ -59,6 +61,8 @@ class ContextResult:
     bytes: int | None  # UTF-8 bytes of the scored targets (None without a token_bytes table)
     position_nll: np.ndarray = field(repr=False)
     position_count: np.ndarray = field(repr=False)
+    document_nll: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    document_tokens: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
     seconds: float = 0.0
 
     @property
@@ -101,6 +105,8 @@ class ContextResult:
             "windows": self.windows,
             "seconds": round(self.seconds, 3),
             "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds > 0 else None,
+            "document_nll": [float(x) for x in self.document_nll],
+            "document_tokens": [int(x) for x in self.document_tokens],
         }
 
 
@@ -232,6 +238,8 @@ def evaluate_perplexity(
     pos_nll = torch.zeros(c, dtype=torch.float64, device=device)
     pos_cnt = torch.zeros(c, dtype=torch.int64, device=device)
     n_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    doc_nll = torch.zeros(len(arrays), dtype=torch.float64, device=device)
+    doc_cnt = torch.zeros(len(arrays), dtype=torch.int64, device=device)
     # Longest windows first: batches hold windows of (nearly) one length, so little padding.
     order = np.argsort(-windows[:, LENGTH], kind="stable")
     bar = tqdm(total=expected, unit="tok", unit_scale=True, desc=desc or f"context {c}", disable=not progress,
@@ -259,6 +267,9 @@ def evaluate_perplexity(
                 pos_nll[at] += nll.sum(0, dtype=torch.float64)
                 mask = ys != IGNORE_INDEX
                 pos_cnt[at] += mask.sum(0)
+                d = torch.from_numpy(np.ascontiguousarray(rows[:, DOC])).to(device)
+                doc_nll.index_add_(0, d, nll.sum(1, dtype=torch.float64))
+                doc_cnt.index_add_(0, d, mask.sum(1))
                 if table is not None:
                     n_bytes += label_bytes(ys, table)
                 bar.update(int(rows[:, SCORED].sum()))
@@ -266,7 +277,7 @@ def evaluate_perplexity(
         bar.close()
         net.train(was_training)
     if group is not None:  # every rank scored its chunk of every window: sum them
-        for t in (pos_nll, pos_cnt, n_bytes):
+        for t in (pos_nll, pos_cnt, n_bytes, doc_nll, doc_cnt):
             torch.distributed.all_reduce(t, group=group)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -294,6 +305,8 @@ def evaluate_perplexity(
         bytes=int(n_bytes) if table is not None else None,
         position_nll=nll_pos,
         position_count=counts,
+        document_nll=doc_nll.cpu().numpy(),
+        document_tokens=doc_cnt.cpu().numpy(),
         seconds=seconds,
     )
 

@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 
-CSV_FIELDS = ("model", "context_length", "bucket_start", "bucket_end", "mean_nll", "count")
+CSV_FIELDS = ("model", "protocol", "context_length", "bucket_start", "bucket_end", "mean_nll", "count")
 FILES = {"json": "results.json", "table": "table.md", "csv": "loss_by_position.csv", "png": "loss_by_position.png"}
 
 
@@ -34,22 +34,74 @@ def _cell(value, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def _by_context(model: dict) -> dict[int, dict]:
-    return {r["context_length"]: r for r in model["results"]}
+PROTOCOL_TITLES = {"non-overlapping": "non-overlapping windows", "sliding": "sliding windows"}
 
 
-def table(report: dict, metric: str, digits: int) -> str:
-    """One Markdown table in the shape of the paper's Table 2: rows models, columns context lengths."""
+def protocols(report: dict) -> list[str]:
+    """The protocols of a report, in order (reports before sliding windows were added have one)."""
+    return report["protocol"].get("protocols") or ["non-overlapping"]
+
+
+def _by_context(model: dict, protocol: str = "non-overlapping") -> dict[int, dict]:
+    return {r["context_length"]: r for r in model["results"] if r.get("protocol", "non-overlapping") == protocol}
+
+
+def _interval_cell(r: dict, digits: int) -> str:
+    iv = r.get("interval")
+    if not iv or not all(math.isfinite(iv[k]) for k in ("low", "high")):
+        return _cell(r["perplexity"], digits)
+    return f"{_cell(r['perplexity'], digits)} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
+
+
+def table(report: dict, metric: str, digits: int, protocol: str = "non-overlapping", intervals: bool = False) -> str:
+    """One Markdown table in the shape of the paper's Table 2: rows models, columns context lengths
+    (``intervals``: perplexity cells carry their bootstrap interval)."""
     contexts = report["context_lengths"]
     head = "| Model | Trained at | " + " | ".join(context_label(c) for c in contexts) + " |"
     rule = "|---|---|" + "---|" * len(contexts)
     lines = [head, rule]
     for m in report["models"]:
-        res = _by_context(m)
+        res = _by_context(m, protocol)
         trained = m.get("train_seq_len")
-        cells = [_cell(res[c][metric] if c in res else None, digits) for c in contexts]
+        if intervals and metric == "perplexity":
+            cells = [_interval_cell(res[c], digits) if c in res else "n/a" for c in contexts]
+        else:
+            cells = [_cell(res[c][metric] if c in res else None, digits) for c in contexts]
         lines.append(f"| {m['name']} | {context_label(trained) if trained else '?'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _difference_cell(d: dict) -> str:
+    mark = " *" if d["excludes_zero"] else ""
+    return f"{d['percent']:+.2f}% [{d['low']:+.2f}, {d['high']:+.2f}]{mark}"
+
+
+def comparison_tables(report: dict, protocol: str) -> list[str]:
+    """Markdown: perplexity change between context lengths of each model, and between models."""
+    comp = report.get("comparisons")
+    if not comp:
+        return []
+    out = []
+    ctx = [d for d in comp["contexts"] if d["protocol"] == protocol]
+    if ctx:
+        pairs = sorted({(d["from"], d["to"]) for d in ctx})
+        out += ["| Model | " + " | ".join(f"{context_label(a)} → {context_label(b)}" for a, b in pairs) + " |",
+                "|---|" + "---|" * len(pairs)]
+        for m in report["models"]:
+            got = {(d["from"], d["to"]): d for d in ctx if d["model"] == m["name"]}
+            out.append(f"| {m['name']} | " + " | ".join(_difference_cell(got[p]) if p in got else "n/a"
+                                                        for p in pairs) + " |")
+        out.append("")
+    mod = [d for d in comp["models"] if d["protocol"] == protocol]
+    if mod:
+        contexts = sorted({d["context_length"] for d in mod})
+        out += ["| B vs A | " + " | ".join(context_label(c) for c in contexts) + " |", "|---|" + "---|" * len(contexts)]
+        for a, b in dict.fromkeys((d["a"], d["b"]) for d in mod):
+            got = {d["context_length"]: d for d in mod if (d["a"], d["b"]) == (a, b)}
+            out.append(f"| {b} vs {a} | " + " | ".join(_difference_cell(got[c]) if c in got else "n/a"
+                                                      for c in contexts) + " |")
+        out.append("")
+    return out
 
 
 def notes(report: dict) -> list[str]:
@@ -57,6 +109,13 @@ def notes(report: dict) -> list[str]:
     out = [f"- Protocol: {report['protocol']['description']}"]
     data = report["data"]
     out.append(f"- Data: {data['description']}")
+    if report.get("intervals"):
+        iv = report["intervals"]
+        out.append(f"- Intervals: {iv['confidence']:.0%} {iv['method']} ({iv['resamples']:,} resamples of the "
+                   f"{len(data.get('scored_documents', {}).get('names', []))} scored documents, seed {iv['seed']}); "
+                   "a difference marked * has an interval that excludes 0.")
+    for line in report.get("notes", []):
+        out.append(f"- {line}.")
     for m in report["models"]:
         res = m["results"]
         if not res:
@@ -64,6 +123,8 @@ def notes(report: dict) -> list[str]:
         r0 = res[0]
         scored = f"{r0['tokens']:,} targets ({r0['bytes']:,} bytes)" if r0.get("bytes") else f"{r0['tokens']:,} targets"
         line = f"- {m['name']}: every column scores the same {scored} of {r0['documents']} documents"
+        if m.get("segment_lengths"):
+            line += f"; attention pattern ({m.get('pattern', 'trained')}) w = {m['segment_lengths']}, r = {m['dilation_rates']}"
         cap = m.get("cap")
         if cap:
             line += (f"; capped by --max_tokens {cap['max_tokens']:,}: {cap['tokens_used']:,} of "
@@ -71,7 +132,7 @@ def notes(report: dict) -> list[str]:
                      f"{cap['documents_available']} documents, the last one cut)")
         out.append(line + ".")
         out += [f"  - {note}." for note in m.get("context_notes", [])]
-        for r in res:
+        for r in _by_context(m).values():
             if r["short_documents"]:
                 c = r["context_length"]
                 msg = (f"  - context {context_label(c)}: {r['short_documents']} of {r['documents']} documents have "
@@ -84,18 +145,24 @@ def notes(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    """table.md: perplexity, bits per byte and mean NLL tables, then the notes."""
-    parts = [
-        "# Perplexity by context length",
-        "",
-        "Perplexity (lower is better):",
-        "",
-        table(report, "perplexity", 3),
-        "",
-    ]
-    if any(r.get("bits_per_byte") is not None for m in report["models"] for r in m["results"]):
-        parts += ["Bits per byte (comparable across tokenizers):", "", table(report, "bits_per_byte", 4), ""]
-    parts += ["Mean NLL (nats per token):", "", table(report, "mean_nll", 4), "", *notes(report), ""]
+    """table.md: per protocol, perplexity (with intervals), changes with context and between
+    models, bits per byte and mean NLL; then the notes."""
+    parts = ["# Perplexity by context length", ""]
+    has_bpb = any(r.get("bits_per_byte") is not None for m in report["models"] for r in m["results"])
+    with_iv = bool(report.get("intervals"))
+    for protocol in protocols(report):
+        title = PROTOCOL_TITLES.get(protocol, protocol)
+        parts += [f"## {title[0].upper() + title[1:]}", "",
+                  "Perplexity (lower is better)" + (f", {report['intervals']['confidence']:.0%} interval" if with_iv
+                                                    else "") + ":", "",
+                  table(report, "perplexity", 3, protocol, intervals=with_iv), ""]
+        comp = comparison_tables(report, protocol)
+        if comp:
+            parts += ["Perplexity change (paired, percent; negative = better):", "", *comp]
+        if has_bpb:
+            parts += ["Bits per byte (comparable across tokenizers):", "", table(report, "bits_per_byte", 4, protocol), ""]
+        parts += ["Mean NLL (nats per token):", "", table(report, "mean_nll", 4, protocol), ""]
+    parts += ["## Notes", "", *notes(report), ""]
     if report.get("command"):
         parts += ["Command:", "", "```", report["command"], "```", ""]
     return "\n".join(parts)
@@ -108,7 +175,8 @@ def csv_rows(report: dict) -> list[dict]:
         for r in m["results"]:
             for b in r["buckets"]:
                 rows.append({
-                    "model": m["name"], "context_length": r["context_length"], "bucket_start": b["start"],
+                    "model": m["name"], "protocol": r.get("protocol", "non-overlapping"),
+                    "context_length": r["context_length"], "bucket_start": b["start"],
                     "bucket_end": b["end"], "mean_nll": b["mean_nll"], "count": b["count"],
                 })
     return rows
@@ -145,7 +213,7 @@ def plot(report: dict, path: Path) -> list[dict]:
     series, markers = [], []
     for mi, m in enumerate(report["models"]):
         color = colors[mi % len(colors)]
-        for r in m["results"]:
+        for r in _by_context(m).values():  # non-overlapping windows: every position 1..c is scored
             b = r["buckets"]
             if not b:
                 continue
