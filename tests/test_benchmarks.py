@@ -43,3 +43,35 @@ def test_paper_pattern_comes_from_the_library():
     from longnet_lightning.model import PATTERNS
 
     assert (tuple(PAPER.segment_lengths), tuple(PAPER.dilation_rates)) == PATTERNS["paper"]
+
+
+def _report(changes: dict, between: float) -> dict:
+    """A report with the paired differences the Table 2 criteria read: changes[(model, protocol, a, b)] = percent
+    (interval +-0.5 around it); `between`: LongNet 8K vs Transformer 2K at 2K."""
+    iv = lambda p: {"percent": p, "low": p - 0.5, "high": p + 0.5, "excludes_zero": abs(p) > 0.5}  # noqa: E731
+    contexts = [{"model": m, "protocol": pr, "from": a, "to": b, **iv(p)} for (m, pr, a, b), p in changes.items()]
+    models = [{"protocol": "non-overlapping", "context_length": 2048, "a": "LongNet 8K", "b": "Transformer 2K",
+               **iv(between)}]
+    return {"comparisons": {"contexts": contexts, "models": models}}
+
+
+@pytest.mark.parametrize("longnet_sliding, control_sliding, dense2k, verdict", [
+    (-3.0, -3.0, (5.0, 20.0), "reproduced"),
+    (0.0, 0.0, (5.0, 20.0), "inconclusive"),
+    (-3.0, 0.0, (5.0, 20.0), "reproduced"),  # LongNet gains where the dense control does not
+    (0.0, -3.0, (5.0, 20.0), "partly reproduced"),
+    (0.0, -3.0, (0.1, 20.0), "not reproduced"),
+])
+def test_table2_verdict(longnet_sliding, control_sliding, dense2k, verdict):
+    from benchmarks.reproduce_table2 import criteria
+
+    L, D2, D8, NO, SL = "LongNet 8K", "Transformer 2K", "Transformer 8K", "non-overlapping", "sliding"
+    changes = {(L, NO, 2048, 8192): -4.0, (L, NO, 8192, 32768): 1.0, (L, NO, 2048, 32768): -3.0,
+               (L, SL, 2048, 8192): longnet_sliding, (D2, NO, 2048, 8192): dense2k[0],
+               (D2, NO, 8192, 32768): dense2k[1], (D8, SL, 2048, 8192): control_sliding}
+    r, got, why = criteria(_report(changes, between=1.0), 2048, 8192, 32768)
+    assert got == verdict, why
+    assert r["R1"][0] and r["R2"][0] and r["R4"][0]
+    assert r["R5"][0] == (longnet_sliding < -2) and r["R3"][0] == (dense2k[0] > 0.5)
+    _, got, _ = criteria(_report(changes, between=5.0), 2048, 8192, 32768)  # R4 fails: 5% apart at 2K
+    assert got != "reproduced"
