@@ -358,6 +358,22 @@ def _batches(docs: Iterator[Document], n: int) -> Iterator[list[Document]]:
         yield batch
 
 
+# Per-document arrays are processed in pieces of this many ids: a temporary the size of a 40 MB
+# document (int64: 320 MB) is slow to allocate and touch, a 1M-id piece is reused from cache.
+_PIECE = 1 << 20
+
+
+def _token_byte_total(ids: np.ndarray, token_bytes: np.ndarray) -> int:
+    """``token_bytes[ids].sum()``, piece by piece."""
+    return sum(int(token_bytes[ids[i:i + _PIECE]].sum()) for i in range(0, ids.size, _PIECE))
+
+
+def _write_ids(f, ids: np.ndarray, dtype: np.dtype) -> None:
+    """``f.write(ids.astype(dtype).tobytes())``, piece by piece."""
+    for i in range(0, ids.size, _PIECE):
+        f.write(ids[i:i + _PIECE].astype(dtype, copy=False))
+
+
 def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: SplitSpec, batch_docs: int) -> dict:
     """Tokenise every document into folder/{train,val,test}.bin; return the index."""
     V, eos = tokenizer.vocab_size, tokenizer.eos_id
@@ -373,7 +389,7 @@ def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: Spl
     max_id, mismatched = -1, 0
     try:
         for batch in _batches(corpus.documents(), batch_docs):
-            for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
+            for doc, ids in zip(batch, tokenizer.encode_batch_compact([d.text for d in batch])):
                 nbytes = len(doc.text.encode("utf-8"))
                 if ids.size:
                     max_id = max(max_id, int(ids.max()))
@@ -382,7 +398,7 @@ def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: Spl
                             f"tokenizer produced id {max_id if max_id >= V else int(ids.min())} for {doc.name!r}, "
                             f"outside its vocabulary of {V}; the tokenizer file is inconsistent, fix or replace it."
                         )
-                mismatched += int(token_bytes[ids].sum()) != nbytes
+                mismatched += _token_byte_total(ids, token_bytes) != nbytes
                 name = SPLITS[split.split_of(doc.name)]
                 m = meta[name]
                 m["names"].append(doc.name)
@@ -390,7 +406,7 @@ def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: Spl
                 m["lengths"].append(int(ids.size))
                 m["nbytes"].append(nbytes)
                 m["n_tokens"] += int(ids.size) + 1
-                files[name].write(ids.astype(dtype).tobytes())
+                _write_ids(files[name], ids, dtype)
                 files[name].write(eos_bytes)
                 bar.update(nbytes)
     finally:
