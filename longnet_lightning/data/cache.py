@@ -3,6 +3,8 @@
 Layout of ``<cache_dir>/tokens-<key>/``::
 
     train.bin, val.bin, test.bin   tokens of each split's documents, each document followed by EOS
+    manifest.json                  what the corpus is (`Corpus.corpus_manifest`): for site-packages
+                                   every document's distribution and version, and what each rule left out
     index.json                     written last: names, offsets, lengths, UTF-8 bytes per document
 
 The key hashes everything the tokens depend on: the source files (absolute path, name, size,
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -27,7 +30,22 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .sources import ERRORS, FORMATS, Document, read_documents, resolve_sources, stdlib_corpus_files
+from . import sources as _sources
+from .sources import (
+    BUILTIN_CORPORA,
+    ERRORS,
+    FORMATS,
+    Document,
+    SitePackagesScan,
+    _candidate_stats,
+    _scan_candidates,
+    _site_packages_candidates,
+    read_documents,
+    read_site_packages_corpus,
+    resolve_sources,
+    stdlib_corpus_files,
+    stdlib_root,
+)
 from .tokenizers import HFTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -60,18 +78,27 @@ def _size_and_mtime(path: Path) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Corpus:
-    """Which documents to read: paths (None = built-in stdlib corpus) and how to read them."""
+    """Which documents to read, and how: ``paths`` (files, folders, globs), or a built-in corpus
+    named by ``builtin`` ('stdlib' or 'site-packages'; with paths=None it defaults to 'stdlib')."""
 
     paths: tuple[str, ...] | None = None
     format: str = "auto"
     text_field: str = "text"
     errors: str = "strict"
+    builtin: str | None = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is not supported; use one of {list(FORMATS)}.")
         if self.errors not in ERRORS:
             raise ValueError(f"errors={self.errors!r} is not supported; use one of {list(ERRORS)}.")
+        if self.builtin is not None and self.builtin not in BUILTIN_CORPORA:
+            raise ValueError(f"builtin={self.builtin!r} is not a built-in corpus; use one of {list(BUILTIN_CORPORA)}.")
+        if self.paths is not None and self.builtin is not None:
+            raise ValueError(f"paths and builtin={self.builtin!r} both choose the corpus; give one of them.")
+        if self.paths is None and self.builtin is None:
+            # frozen: normalise once, so Corpus() == Corpus(builtin="stdlib")
+            object.__setattr__(self, "builtin", "stdlib")
 
     @classmethod
     def from_paths(cls, paths: str | os.PathLike | list | tuple | None, **kw) -> Corpus:
@@ -79,22 +106,69 @@ class Corpus:
             paths = (os.fspath(paths),) if isinstance(paths, (str, os.PathLike)) else tuple(map(os.fspath, paths))
         return cls(paths, **kw)
 
+    @cached_property
+    def _site_candidates(self):
+        """The site-packages files the name and size rules keep, listed once per Corpus (no file read)."""
+        return _site_packages_candidates(_sources.site_packages_roots())  # looked up at call time (tests patch it)
+
+    @cached_property
+    def _site_packages(self) -> SitePackagesScan:
+        """The site-packages selection, made once per Corpus (it reads every candidate file)."""
+        return _scan_candidates(self._site_candidates)
+
     def files(self) -> list[tuple[str, Path]]:
         """(name, absolute path) of every file read, in reading order."""
-        if self.paths is None:
+        if self.builtin == "stdlib":
             return [(name, f) for name, fs in stdlib_corpus_files().items() for f in fs]
+        if self.builtin == "site-packages":
+            return [(name, f) for name, fs in self._site_packages.files.items() for f in fs]
         return [(s.name, s.path) for s in resolve_sources(self.paths, self.format)]
 
+    def _settings(self) -> dict:
+        """The settings hashed into the fingerprint; paths and the stdlib corpus keep the key they
+        had before ``builtin`` existed (their token caches stay valid)."""
+        settings = asdict(self)
+        if settings["builtin"] in (None, "stdlib"):
+            del settings["builtin"]
+        return settings
+
     def fingerprint(self) -> str:
-        """Hash of the settings and of each file's path, size and modification time."""
+        """Hash of the settings and of each file's path, size and modification time (for
+        site-packages: of every candidate file before the content rules, and of the installed
+        distributions' metadata folders, so nothing is read to compute it)."""
+        if self.builtin == "site-packages":
+            return _hash({"settings": self._settings(), "site_packages": _candidate_stats(self._site_candidates)})
         stats = [(n, str(p), *_size_and_mtime(p)) for n, p in self.files()]
-        return _hash({"settings": asdict(self), "files": stats})
+        return _hash({"settings": self._settings(), "files": stats})
 
     def total_bytes(self) -> int:
         return sum(_size_and_mtime(p)[0] for _, p in self.files())
 
     def documents(self) -> Iterator[Document]:
+        if self.builtin == "site-packages":
+            return read_site_packages_corpus(errors=self.errors, scan=self._site_packages)
         return read_documents(self.paths, self.format, self.text_field, self.errors)
+
+    def corpus_manifest(self) -> dict:
+        """What this corpus is, as a JSON-ready dict for reports (also written to each token
+        cache's manifest.json). For site-packages: `SitePackagesManifest.to_dict` (per document
+        its distribution, version, files and bytes; files and bytes left out per rule; roots,
+        Python version); for stdlib: the Python version, its folder and per document files and
+        bytes; for paths: the paths, files and bytes."""
+        if self.builtin == "site-packages":
+            return self._site_packages.manifest.to_dict()
+        sizes: dict[str, list[int]] = {}
+        for name, path in self.files():
+            entry = sizes.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += _size_and_mtime(path)[0]
+        out = {"corpus": self.builtin or "paths", "n_files": sum(f for f, _ in sizes.values()),
+               "bytes": sum(b for _, b in sizes.values())}
+        if self.builtin == "stdlib":
+            documents = [{"name": n, "files": f, "bytes": b} for n, (f, b) in sizes.items()]
+            return {**out, "python": platform.python_version(), "root": str(stdlib_root()),
+                    "n_documents": len(documents), "documents": documents}
+        return {**out, "paths": list(self.paths), "format": self.format}
 
 
 @dataclass(frozen=True)
@@ -240,6 +314,13 @@ class TokenCache:
     def vocab_size(self) -> int:
         return self.index["vocab_size"]
 
+    @cached_property
+    def manifest(self) -> dict | None:
+        """The corpus manifest written with the cache (`Corpus.corpus_manifest`); None for a cache
+        built before manifests were written."""
+        path = self.path / "manifest.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     @property
     def eos_id(self) -> int:
         return self.index["eos_id"]
@@ -288,6 +369,7 @@ def build_token_cache(
     tmp.mkdir()
     try:
         index = _write_tokens(tmp, corpus, tokenizer, split, batch_docs)
+        (tmp / "manifest.json").write_text(json.dumps(corpus.corpus_manifest(), indent=1) + "\n")
         (tmp / "index.json").write_text(json.dumps(index))
         try:
             os.rename(tmp, final)  # atomic; fails if another process finished first
