@@ -77,7 +77,7 @@ PRESETS: dict[str, dict] = {
         "overrides": {"n_layer": 2, "n_embd": 96, "n_head": 12, "ffn_dim": 192},
         "trainer": {"accelerator": "cpu", "precision": "32-true"},
         "data": {"corpus": "stdlib", "num_workers": 0, "test_fraction": 0.2},
-        "model": {"warmup_steps": 30, "compile": False},
+        "model": {"warmup_steps": 35, "compile": False},
     },
 }
 

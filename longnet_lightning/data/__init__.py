@@ -3,7 +3,17 @@
 from .cache import Corpus, SplitSpec, TokenCache, build_token_cache, cache_root, load_or_train_bpe
 from .datamodule import LongTextDataModule
 from .prompts import PromptDataModule
-from .sources import Document, read_documents, resolve_sources, stdlib_corpus_files
+from .sources import (
+    BUILTIN_CORPORA,
+    Document,
+    SitePackagesManifest,
+    read_documents,
+    resolve_sources,
+    scan_site_packages,
+    site_packages_corpus_files,
+    site_packages_roots,
+    stdlib_corpus_files,
+)
 from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer, load_tokenizer, train_bpe
 from .windows import (
     IGNORE_INDEX,
@@ -16,6 +26,7 @@ from .windows import (
 )
 
 __all__ = [
+    "BUILTIN_CORPORA",
     "IGNORE_INDEX",
     "ByteTokenizer",
     "Corpus",
@@ -27,6 +38,7 @@ __all__ = [
     "RandomWindowSampler",
     "ResumableDataLoader",
     "ShardSampler",
+    "SitePackagesManifest",
     "SplitSpec",
     "TokenCache",
     "Tokenizer",
@@ -39,6 +51,9 @@ __all__ = [
     "load_tokenizer",
     "read_documents",
     "resolve_sources",
+    "scan_site_packages",
+    "site_packages_corpus_files",
+    "site_packages_roots",
     "stdlib_corpus_files",
     "train_bpe",
 ]

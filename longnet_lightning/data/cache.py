@@ -3,6 +3,8 @@
 Layout of ``<cache_dir>/tokens-<key>/``::
 
     train.bin, val.bin, test.bin   tokens of each split's documents, each document followed by EOS
+    manifest.json                  what the corpus is (`Corpus.corpus_manifest`): for site-packages
+                                   every document's distribution and version, and what each rule left out
     index.json                     written last: names, offsets, lengths, UTF-8 bytes per document
 
 The key hashes everything the tokens depend on: the source files (absolute path, name, size,
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -27,7 +30,22 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .sources import ERRORS, FORMATS, Document, read_documents, resolve_sources, stdlib_corpus_files
+from . import sources as _sources
+from .sources import (
+    BUILTIN_CORPORA,
+    ERRORS,
+    FORMATS,
+    Document,
+    SitePackagesScan,
+    _candidate_stats,
+    _scan_candidates,
+    _site_packages_candidates,
+    read_documents,
+    read_site_packages_corpus,
+    resolve_sources,
+    stdlib_corpus_files,
+    stdlib_root,
+)
 from .tokenizers import HFTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -60,18 +78,27 @@ def _size_and_mtime(path: Path) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Corpus:
-    """Which documents to read: paths (None = built-in stdlib corpus) and how to read them."""
+    """Which documents to read, and how: ``paths`` (files, folders, globs), or a built-in corpus
+    named by ``builtin`` ('stdlib' or 'site-packages'; with paths=None it defaults to 'stdlib')."""
 
     paths: tuple[str, ...] | None = None
     format: str = "auto"
     text_field: str = "text"
     errors: str = "strict"
+    builtin: str | None = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is not supported; use one of {list(FORMATS)}.")
         if self.errors not in ERRORS:
             raise ValueError(f"errors={self.errors!r} is not supported; use one of {list(ERRORS)}.")
+        if self.builtin is not None and self.builtin not in BUILTIN_CORPORA:
+            raise ValueError(f"builtin={self.builtin!r} is not a built-in corpus; use one of {list(BUILTIN_CORPORA)}.")
+        if self.paths is not None and self.builtin is not None:
+            raise ValueError(f"paths and builtin={self.builtin!r} both choose the corpus; give one of them.")
+        if self.paths is None and self.builtin is None:
+            # frozen: normalise once, so Corpus() == Corpus(builtin="stdlib")
+            object.__setattr__(self, "builtin", "stdlib")
 
     @classmethod
     def from_paths(cls, paths: str | os.PathLike | list | tuple | None, **kw) -> Corpus:
@@ -79,22 +106,69 @@ class Corpus:
             paths = (os.fspath(paths),) if isinstance(paths, (str, os.PathLike)) else tuple(map(os.fspath, paths))
         return cls(paths, **kw)
 
+    @cached_property
+    def _site_candidates(self):
+        """The site-packages files the name and size rules keep, listed once per Corpus (no file read)."""
+        return _site_packages_candidates(_sources.site_packages_roots())  # looked up at call time (tests patch it)
+
+    @cached_property
+    def _site_packages(self) -> SitePackagesScan:
+        """The site-packages selection, made once per Corpus (it reads every candidate file)."""
+        return _scan_candidates(self._site_candidates)
+
     def files(self) -> list[tuple[str, Path]]:
         """(name, absolute path) of every file read, in reading order."""
-        if self.paths is None:
+        if self.builtin == "stdlib":
             return [(name, f) for name, fs in stdlib_corpus_files().items() for f in fs]
+        if self.builtin == "site-packages":
+            return [(name, f) for name, fs in self._site_packages.files.items() for f in fs]
         return [(s.name, s.path) for s in resolve_sources(self.paths, self.format)]
 
+    def _settings(self) -> dict:
+        """The settings hashed into the fingerprint; paths and the stdlib corpus keep the key they
+        had before ``builtin`` existed (their token caches stay valid)."""
+        settings = asdict(self)
+        if settings["builtin"] in (None, "stdlib"):
+            del settings["builtin"]
+        return settings
+
     def fingerprint(self) -> str:
-        """Hash of the settings and of each file's path, size and modification time."""
+        """Hash of the settings and of each file's path, size and modification time (for
+        site-packages: of every candidate file before the content rules, and of the installed
+        distributions' metadata folders, so nothing is read to compute it)."""
+        if self.builtin == "site-packages":
+            return _hash({"settings": self._settings(), "site_packages": _candidate_stats(self._site_candidates)})
         stats = [(n, str(p), *_size_and_mtime(p)) for n, p in self.files()]
-        return _hash({"settings": asdict(self), "files": stats})
+        return _hash({"settings": self._settings(), "files": stats})
 
     def total_bytes(self) -> int:
         return sum(_size_and_mtime(p)[0] for _, p in self.files())
 
     def documents(self) -> Iterator[Document]:
+        if self.builtin == "site-packages":
+            return read_site_packages_corpus(errors=self.errors, scan=self._site_packages)
         return read_documents(self.paths, self.format, self.text_field, self.errors)
+
+    def corpus_manifest(self) -> dict:
+        """What this corpus is, as a JSON-ready dict for reports (also written to each token
+        cache's manifest.json). For site-packages: `SitePackagesManifest.to_dict` (per document
+        its distribution, version, files and bytes; files and bytes left out per rule; roots,
+        Python version); for stdlib: the Python version, its folder and per document files and
+        bytes; for paths: the paths, files and bytes."""
+        if self.builtin == "site-packages":
+            return self._site_packages.manifest.to_dict()
+        sizes: dict[str, list[int]] = {}
+        for name, path in self.files():
+            entry = sizes.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += _size_and_mtime(path)[0]
+        out = {"corpus": self.builtin or "paths", "n_files": sum(f for f, _ in sizes.values()),
+               "bytes": sum(b for _, b in sizes.values())}
+        if self.builtin == "stdlib":
+            documents = [{"name": n, "files": f, "bytes": b} for n, (f, b) in sizes.items()]
+            return {**out, "python": platform.python_version(), "root": str(stdlib_root()),
+                    "n_documents": len(documents), "documents": documents}
+        return {**out, "paths": list(self.paths), "format": self.format}
 
 
 @dataclass(frozen=True)
@@ -240,6 +314,13 @@ class TokenCache:
     def vocab_size(self) -> int:
         return self.index["vocab_size"]
 
+    @cached_property
+    def manifest(self) -> dict | None:
+        """The corpus manifest written with the cache (`Corpus.corpus_manifest`); None for a cache
+        built before manifests were written."""
+        path = self.path / "manifest.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     @property
     def eos_id(self) -> int:
         return self.index["eos_id"]
@@ -288,6 +369,7 @@ def build_token_cache(
     tmp.mkdir()
     try:
         index = _write_tokens(tmp, corpus, tokenizer, split, batch_docs)
+        (tmp / "manifest.json").write_text(json.dumps(corpus.corpus_manifest(), indent=1) + "\n")
         (tmp / "index.json").write_text(json.dumps(index))
         try:
             os.rename(tmp, final)  # atomic; fails if another process finished first
@@ -358,6 +440,22 @@ def _batches(docs: Iterator[Document], n: int) -> Iterator[list[Document]]:
         yield batch
 
 
+# Per-document arrays are processed in pieces of this many ids: a temporary the size of a 40 MB
+# document (int64: 320 MB) is slow to allocate and touch, a 1M-id piece is reused from cache.
+_PIECE = 1 << 20
+
+
+def _token_byte_total(ids: np.ndarray, token_bytes: np.ndarray) -> int:
+    """``token_bytes[ids].sum()``, piece by piece."""
+    return sum(int(token_bytes[ids[i:i + _PIECE]].sum()) for i in range(0, ids.size, _PIECE))
+
+
+def _write_ids(f, ids: np.ndarray, dtype: np.dtype) -> None:
+    """``f.write(ids.astype(dtype).tobytes())``, piece by piece."""
+    for i in range(0, ids.size, _PIECE):
+        f.write(ids[i:i + _PIECE].astype(dtype, copy=False))
+
+
 def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: SplitSpec, batch_docs: int) -> dict:
     """Tokenise every document into folder/{train,val,test}.bin; return the index."""
     V, eos = tokenizer.vocab_size, tokenizer.eos_id
@@ -373,7 +471,7 @@ def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: Spl
     max_id, mismatched = -1, 0
     try:
         for batch in _batches(corpus.documents(), batch_docs):
-            for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
+            for doc, ids in zip(batch, tokenizer.encode_batch_compact([d.text for d in batch])):
                 nbytes = len(doc.text.encode("utf-8"))
                 if ids.size:
                     max_id = max(max_id, int(ids.max()))
@@ -382,7 +480,7 @@ def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: Spl
                             f"tokenizer produced id {max_id if max_id >= V else int(ids.min())} for {doc.name!r}, "
                             f"outside its vocabulary of {V}; the tokenizer file is inconsistent, fix or replace it."
                         )
-                mismatched += int(token_bytes[ids].sum()) != nbytes
+                mismatched += _token_byte_total(ids, token_bytes) != nbytes
                 name = SPLITS[split.split_of(doc.name)]
                 m = meta[name]
                 m["names"].append(doc.name)
@@ -390,7 +488,7 @@ def _write_tokens(folder: Path, corpus: Corpus, tokenizer: Tokenizer, split: Spl
                 m["lengths"].append(int(ids.size))
                 m["nbytes"].append(nbytes)
                 m["n_tokens"] += int(ids.size) + 1
-                files[name].write(ids.astype(dtype).tobytes())
+                _write_ids(files[name], ids, dtype)
                 files[name].write(eos_bytes)
                 bar.update(nbytes)
     finally:

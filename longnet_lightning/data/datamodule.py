@@ -8,6 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from .cache import Corpus, SplitSpec, TokenCache, build_token_cache, load_or_train_bpe
+from .sources import BUILTIN_CORPORA, SitePackagesManifest
 from .tokenizers import ByteTokenizer, Tokenizer, build_tokenizer
 from .windows import EvalWindows, RandomWindowSampler, ResumableDataLoader, ShardSampler, TrainWindows
 
@@ -27,8 +28,15 @@ class LongTextDataModule(L.LightningDataModule):
     random windows, deterministic per (seed, epoch) and resumable mid-epoch.
 
     Args:
-        data_path: file, folder (recursive) or glob, or a list of them; None = the Python standard
-            library's own sources (see `sources.stdlib_corpus_files`).
+        data_path: file, folder (recursive) or glob, or a list of them; None = the built-in corpus
+            named by `corpus`.
+        corpus: the built-in corpus read when data_path is None: 'stdlib' (default; the Python
+            standard library's own sources, see `sources.stdlib_corpus_files`) or 'site-packages'
+            (the .py sources of this interpreter's installed packages, one document per top-level
+            package, without tests, vendored copies, generated files and duplicates; see
+            `sources.scan_site_packages`). Which distribution and version each document comes from,
+            and how many files each rule left out, is written to the token cache's manifest.json
+            and logged. Giving data_path with corpus='site-packages' is an error.
         format: 'auto' (.jsonl = JSON Lines, .parquet = Parquet, a folder from Hugging Face
             ``save_to_disk`` = that dataset, else plain text), 'text', 'jsonl', 'parquet' or 'hf'
             (Parquet needs the ``[parquet]`` extra, pyarrow; datasets the ``[hf]`` extra).
@@ -53,6 +61,7 @@ class LongTextDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_path: str | list[str] | None = None,
+        corpus: str = "stdlib",
         format: str = "auto",
         text_field: str = "text",
         tokenizer: str = "byte",
@@ -84,8 +93,19 @@ class LongTextDataModule(L.LightningDataModule):
             raise ValueError(
                 f"bpe_vocab_size={bpe_vocab_size} must exceed 257 (256 bytes + EOS); or use tokenizer='byte'."
             )
+        if corpus not in BUILTIN_CORPORA:
+            raise ValueError(
+                f"corpus={corpus!r} is not a built-in corpus; use one of {list(BUILTIN_CORPORA)}, "
+                "or data_path for your own files."
+            )
+        if data_path is not None and corpus != "stdlib":
+            raise ValueError(
+                f"data_path={data_path!r} and corpus={corpus!r} both choose the training data; leave data_path "
+                f"unset (null) to use the built-in {corpus} corpus, or leave corpus unset to read data_path."
+            )
         self.save_hyperparameters()
-        self.corpus = Corpus.from_paths(data_path, format=format, text_field=text_field, errors=errors)
+        builtin = corpus if data_path is None else None
+        self.corpus = Corpus.from_paths(data_path, format=format, text_field=text_field, errors=errors, builtin=builtin)
         self.split_spec = SplitSpec(val_fraction, test_fraction, seed)
         self._seq_len = seq_len
         self._tokenizer: Tokenizer | None = None
@@ -143,6 +163,10 @@ class LongTextDataModule(L.LightningDataModule):
                     f"token cache {self._cache.path} holds id {self._cache.index['max_id']} but the tokenizer's "
                     f"vocab_size is {self.vocab_size}; delete that folder and fix the tokenizer file."
                 )
+            manifest = self._cache.manifest
+            if manifest is not None and manifest.get("corpus") == "site-packages":
+                rank_zero_info(f"data: {SitePackagesManifest.from_dict(manifest).summary()} "
+                               f"(per package: {self._cache.path / 'manifest.json'})")
             if self._cache.index.get("split_mode") == "tokens":
                 v, t = self.hparams.val_fraction, self.hparams.test_fraction
                 rank_zero_info(

@@ -41,6 +41,11 @@ class Tokenizer:
         """`encode` over a list; subclasses may parallelise."""
         return [self.encode(t) for t in texts]
 
+    def encode_batch_compact(self, texts: list[str]) -> list[np.ndarray]:
+        """The ids of `encode_batch`, each array in any integer dtype that holds them (the token
+        cache writes them out; a narrow dtype saves an int64 copy of every document)."""
+        return self.encode_batch(texts)
+
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Text of `ids`; special tokens are dropped, invalid UTF-8 becomes U+FFFD (never raises)."""
         raise NotImplementedError
@@ -76,6 +81,14 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def encode_batch_compact(self, texts: list[str]) -> list[np.ndarray]:
+        """uint8 views of the UTF-8 bytes: the ids of `encode`, without the int64 copy (a subclass
+        that overrides `encode` or `encode_batch` is called through them instead)."""
+        cls = type(self)
+        if cls.encode is not ByteTokenizer.encode or cls.encode_batch is not Tokenizer.encode_batch:
+            return super().encode_batch_compact(texts)
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)

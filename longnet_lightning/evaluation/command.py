@@ -20,7 +20,7 @@ position in the window in log-spaced buckets. Written to ``--out_dir``: ``result
 ``loss_by_position.png``; the tables are printed at the end.
 
 Data: ``--data_path`` takes files, folders (recursive), globs and JSON Lines (``--text_field``), or
-``stdlib`` for the built-in corpus; each checkpoint tokenises it with its own tokenizer. Without
+``stdlib`` / ``site-packages`` for a built-in corpus; each checkpoint tokenises it with its own tokenizer. Without
 ``--data_path`` the data the first checkpoint was trained on is used (its saved data-module settings),
 restricted to its held-out test split. ``--split`` picks a split of any data by the data
 module's document hash. Bad input (not our checkpoint, a context length the model cannot take,
@@ -51,6 +51,7 @@ from .report import context_label, table, write_report
 DEBUG_ENV = "LONGNET_DEBUG"
 SPLITS = ("all", "train", "val", "test")
 STDLIB = "stdlib"
+BUILTIN = ("stdlib", "site-packages")  # the data module's built-in corpora, by their --data_path keyword
 # Data-module defaults (LongTextDataModule) for splits of data no checkpoint describes.
 DEFAULT_SPLIT = {"val_fraction": 0.05, "test_fraction": 0.05, "seed": 1234}
 
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only for checkpoints that store no tokenizer: 'byte' or a tokenizer.json path")
     d = p.add_argument_group("data")
     d.add_argument("--data_path", "--data", nargs="+", metavar="PATH", dest="data_path",
-                   help="files, folders (recursive), globs or .jsonl files; 'stdlib' = the built-in corpus. "
+                   help="files, folders (recursive), globs or .jsonl files; 'stdlib' or 'site-packages' = that "
+                   "built-in corpus. "
                    "Default: the data the first checkpoint was trained on, test split")
     d.add_argument("--format", choices=("auto", "text", "jsonl", "parquet", "hf"),
                    help="how to read --data_path (default auto: .jsonl files are JSON Lines, .parquet Parquet, a "
@@ -353,6 +355,7 @@ class EvalData:
     documents_available: int
     tokens_available: int
     cap: dict | None  # what --max_tokens cut, or None
+    manifest: dict | None = None  # the corpus manifest of the token cache (Corpus.corpus_manifest)
     selection: dict | None = None  # what --min_document_tokens / --max_document_tokens kept, or None
 
     def select(self, min_tokens: int | None, max_tokens: int | None) -> None:
@@ -387,13 +390,17 @@ def data_source(args: argparse.Namespace, first: Checkpoint) -> dict:
         if saved is None:
             raise EvaluationError(
                 f"no --data_path given and ckpt_path={first.path!r} stores no data-module settings to take it from; "
-                "give --data_path with files, folders, globs or .jsonl files (or 'stdlib' for the built-in corpus)."
+                "give --data_path with files, folders, globs or .jsonl files (or 'stdlib' / 'site-packages' for a "
+                "built-in corpus)."
             )
         paths = saved.get("data_path")
+        corpus = (saved.get("corpus") or STDLIB) if paths is None else None
         origin = "the data the first checkpoint was trained on"
         split = args.split or "test"
     else:
-        paths = None if args.data_path == [STDLIB] else list(args.data_path)
+        builtin = len(args.data_path) == 1 and args.data_path[0] in BUILTIN
+        paths = None if builtin else list(args.data_path)
+        corpus = args.data_path[0] if builtin else None
         origin = None
         split = args.split or "all"
     base = saved if (saved is not None and (args.data_path is None or args.split)) else {}
@@ -403,11 +410,13 @@ def data_source(args: argparse.Namespace, first: Checkpoint) -> dict:
         "seed": args.seed if args.seed is not None else base.get("seed", 1234),
     }
     reading = saved if args.data_path is None else {}
-    if args.data_path is not None and split == "all" and saved is not None and _same_paths(paths, saved.get("data_path")):
+    if (args.data_path is not None and split == "all" and saved is not None
+            and _same_data(paths, corpus, saved.get("data_path"), saved.get("corpus"))):
         _log("note: --data_path is the data the first checkpoint was trained on, and --split all keeps its training "
              "documents too; use --split test (or leave out --data_path) to score only its held-out documents")
     return {
         "paths": paths,
+        "corpus": corpus,
         "format": args.format or reading.get("format", "auto"),
         "text_field": args.text_field or reading.get("text_field", "text"),
         "errors": args.errors or reading.get("errors", "strict"),
@@ -418,16 +427,17 @@ def data_source(args: argparse.Namespace, first: Checkpoint) -> dict:
     }
 
 
-def _same_paths(a, b) -> bool:
-    """Whether two data_path values name the same inputs (None = the built-in corpus)."""
-    norm = lambda p: None if p is None else sorted(os.path.abspath(os.path.expanduser(x))  # noqa: E731
-                                                   for x in ([p] if isinstance(p, str) else p))
-    return norm(a) == norm(b)
+def _same_data(paths_a, corpus_a, paths_b, corpus_b) -> bool:
+    """Whether two (data_path, corpus) settings name the same inputs (data_path None = the built-in
+    corpus named by corpus, 'stdlib' when unset)."""
+    norm = lambda p, c: (c or STDLIB) if p is None else sorted(  # noqa: E731
+        os.path.abspath(os.path.expanduser(x)) for x in ([p] if isinstance(p, str) else p))
+    return norm(paths_a, corpus_a) == norm(paths_b, corpus_b)
 
 
-def _describe_paths(paths) -> str:
+def _describe_paths(paths, corpus: str | None = None) -> str:
     if paths is None:
-        return "the Python standard library corpus"
+        return "the site-packages corpus" if corpus == "site-packages" else "the Python standard library corpus"
     paths = [paths] if isinstance(paths, str) else list(paths)
     shown = ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
     return shown
@@ -437,8 +447,9 @@ def load_documents(source: dict, tokenizer, pack: bool, max_tokens: int | None, 
     """Tokenise (through the token cache) and pick the split's documents; apply --pack_documents and --max_tokens."""
     from ..data.cache import Corpus, SplitSpec, build_token_cache
 
+    builtin = (source.get("corpus") or STDLIB) if source["paths"] is None else None
     corpus = Corpus.from_paths(source["paths"], format=source["format"], text_field=source["text_field"],
-                               errors=source["errors"])
+                               errors=source["errors"], builtin=builtin)
     if source["split"] == "all":
         spec, split_name = SplitSpec(0.0, 0.0, source["seed"]), "train"
         which = "all documents"
@@ -474,12 +485,12 @@ def load_documents(source: dict, tokenizer, pack: bool, max_tokens: int | None, 
                "tokens_available": n_tokens, "documents_used": len(kept), "documents_available": len(docs)}
         docs = kept
     origin = source.get("origin")
-    what = _describe_paths(source["paths"])
+    what = _describe_paths(source["paths"], builtin)
     desc = f"{which} of {what}" + (f" ({origin})" if origin else "")
     desc += f": {n_docs} documents, {n_tokens:,} tokens" + (" joined with EOS into one sequence" if pack else "")
     if not pack:
         desc += f" (longest {longest:,})"
-    return EvalData(docs, names, tokenizer.token_bytes(), desc, n_docs, n_tokens, cap)
+    return EvalData(docs, names, tokenizer.token_bytes(), desc, n_docs, n_tokens, cap, manifest=cache.manifest)
 
 
 def check_lengths(data: EvalData, contexts: list[int], pack: bool) -> None:
@@ -775,6 +786,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "data": {
             "description": first.description,
             "paths": source["paths"],
+            "corpus": source["corpus"],
             "split": source["split"],
             "split_settings": {k: source[k] for k in ("val_fraction", "test_fraction", "seed")},
             "documents": first.documents_available,
@@ -782,6 +794,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "max_tokens": args.max_tokens,
             "selection": first.selection,
             "scored_documents": {"names": first.names, "tokens": [int(len(d)) for d in first.docs]},
+            "manifest": first.manifest,
         },
         "context_lengths": contexts,
         "notes": pattern_notes,
