@@ -139,13 +139,20 @@ def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
 
 
 def wait_all(procs: dict[str, tuple[subprocess.Popen, Path]], what: str) -> None:
-    failed = []
-    for name, (proc, log) in procs.items():
-        if proc.wait():
-            failed.append(name)
+    """Wait for every process; when one fails, stop the others at once and exit with its log's end."""
+    while True:
+        failed = [name for name, (proc, _) in procs.items() if proc.poll() not in (None, 0)]
+        if failed or all(proc.poll() == 0 for proc, _ in procs.values()):
+            break
+        time.sleep(1.0)
+    if failed:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for name in failed:
+            proc, log = procs[name]
             print(f"error: {what} of {name} failed (exit {proc.returncode}); the end of {log}:", flush=True)
             print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]), flush=True)
-    if failed:
         raise SystemExit(f"error: {what} failed for {', '.join(failed)}")
 
 
@@ -186,7 +193,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     steps = args.steps or preset["steps"]
     budget = args.budget_s or preset["budget_s"]
-    until = t0 + budget - preset["eval_reserve_s"]
+    end = args.until or t0 + budget
+    until = end - (args.eval_reserve_s or preset["eval_reserve_s"])
+    if args.no_compile:
+        preset = {**preset, "model": {**preset.get("model", {}), "compile": False}}
     out = Path(args.out_dir or REPO / "runs" / time.strftime("table2-%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -203,7 +213,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     dm = LongTextDataModule(**data_args)
     dm.prepare_data()
     corpus = {"build_seconds": round(time.perf_counter() - t, 1), **corpus_summary(dm)}
-    print(f"token cache ready in {corpus['build_seconds']} s: {json.dumps(corpus)[:400]}", flush=True)
+    split = {k: corpus[k] for k in ("train", "val", "test")}
+    print(f"token cache ready in {corpus['build_seconds']} s: {corpus.get('summary', corpus['corpus'])}; {split}",
+          flush=True)
 
     procs, started = {}, time.perf_counter()
     for name in args.models:
@@ -214,6 +226,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                        out / f"fit-{name}.log")
     wait_all(procs, "training")
     fit_seconds = time.perf_counter() - started
+    for name in args.models:  # what the budget decided
+        print(*(f"{name}: {line.strip()}" for line in (out / f"fit-{name}.log").read_text(errors="replace").splitlines()
+                if "TimeBudget:" in line), sep="\n", flush=True)
     summaries = {name: {**train_summary(name, out / name, fit_seconds, preset), "corpus": corpus,
                         "device": device_name(), "python": platform.python_version()} for name in args.models}
     for s in summaries.values():
@@ -226,11 +241,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd = evaluate_command(name, preset, out / name / "checkpoints" / "last.ckpt", out / f"eval-{name}")
         procs[name] = (start(cmd, out / f"evaluate-{name}.log", env), out / f"evaluate-{name}.log")
     wait_all(procs, "evaluation")
+    for name in args.models:  # one line per (row, context, protocol), with its time
+        print(*(line.strip() for line in (out / f"evaluate-{name}.log").read_text(errors="replace").splitlines()
+                if " @ " in line and "perplexity" in line), sep="\n", flush=True)
     export = Path(args.export).resolve() if args.export else out / "export"
     export.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         shutil.copy(out / f"eval-{name}" / "results.json", export / f"{name}.results.json")
-        summaries[name]["evaluate_seconds"] = round(time.time() - t0, 1)
+        summaries[name]["total_seconds"] = round(time.time() - t0, 1)
         (export / f"{name}.train.json").write_text(json.dumps(summaries[name], indent=1) + "\n")
         print((out / f"eval-{name}" / "table.md").read_text().split("## Notes")[0], flush=True)
     print(f"done in {time.time() - t0:.0f} s; results in {export}", flush=True)
@@ -238,17 +256,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def corpus_summary(dm) -> dict:
-    """What the data module read: documents and tokens per split, and the corpus manifest if any."""
-    cache = dm.token_cache() if hasattr(dm, "token_cache") else getattr(dm, "_cache", None)
-    out = {"corpus": getattr(dm.hparams, "corpus", None) if hasattr(dm, "hparams") else None}
-    if cache is not None:
-        for split in ("train", "val", "test"):
-            s = cache.split(split)
-            out[split] = {"documents": len(s.names), "tokens": int(s.n_tokens)}
-    manifest = getattr(dm.corpus, "manifest", None)
-    if callable(manifest):
-        m = manifest()
-        out["manifest"] = m if len(json.dumps(m)) < 200_000 else {k: v for k, v in m.items() if k != "documents"}
+    """What the data module read: documents and tokens per split, and the corpus manifest (for
+    site-packages: each package's distribution and version, and what each rule left out)."""
+    cache = dm._token_cache()
+    out = {"corpus": dm.hparams.get("corpus"), "cache": str(cache.path)}
+    for split in ("train", "val", "test"):
+        s = cache.split(split)
+        out[split] = {"documents": len(s.names), "tokens": int(s.n_tokens)}
+    manifest = cache.manifest
+    if manifest is not None:
+        if manifest.get("corpus") == "site-packages":
+            from longnet_lightning.data.sources import SitePackagesManifest
+
+            out["summary"] = SitePackagesManifest.from_dict(manifest).summary()
+        out["manifest"] = manifest
     return out
 
 
@@ -345,6 +366,11 @@ def cmd_combine(args: argparse.Namespace) -> int:
     result = {"verdict": verdict, "why": why, "criteria": {k: {"holds": ok, "evidence": e} for k, (ok, e) in r.items()},
               "training": trains}
     (out / "verdict.json").write_text(json.dumps(result, indent=1) + "\n")
+    from longnet_lightning.evaluation.report import plot
+
+    at_long = {**report, "context_lengths": [long], "models": [  # one line per row: the longest context
+        {**m, "results": [x for x in m["results"] if x["context_length"] == long]} for m in report["models"]]}
+    plot(at_long, out / "loss_by_position_longest.png")
     section = results_section(report, trains, r, verdict, why, out)
     (out / "results_section.md").write_text(section)
     print(section)
@@ -379,7 +405,8 @@ def results_section(report: dict, trains: list[dict], r: dict, verdict: str, why
     for k in ("R1", "R2", "R3", "R4", "R5", "control"):
         ok, evidence = r[k]
         lines.append(f"- {k}: {'holds' if ok else 'does not hold'}. {evidence}")
-    lines += ["", f"Per-position loss: `{out / 'loss_by_position.png'}`.", ""]
+    lines += ["", f"Loss by position at {report['context_lengths'][-1]:,} tokens of context, non-overlapping windows: "
+              f"`{out / 'loss_by_position_longest.png'}` (every context: `{out / 'loss_by_position.png'}`).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -392,6 +419,9 @@ def main(argv=None) -> int:
     run.add_argument("--preset", choices=list(PRESETS), default="h200")
     run.add_argument("--steps", type=int, help="optimizer steps (at most; default: the preset's)")
     run.add_argument("--budget_s", type=float, help="wall-clock budget of the whole run, evaluation included")
+    run.add_argument("--until", type=float, help="instead of --budget_s: the run's end as a Unix time")
+    run.add_argument("--eval_reserve_s", type=float, help="seconds kept for the evaluation (default: the preset's)")
+    run.add_argument("--no_compile", action="store_true", help="train without torch.compile")
     run.add_argument("--out_dir", help="run folders (default runs/table2-<date-time>)")
     run.add_argument("--export", help="folder for the small result files (default <out_dir>/export)")
     comb = sub.add_parser("combine", help="one report, intervals and the verdict from the export folders")
