@@ -363,8 +363,9 @@ def cmd_combine(args: argparse.Namespace) -> int:
     contexts = report["context_lengths"]
     short, mid, long = contexts[0], contexts[1], contexts[-1]
     r, verdict, why = criteria(report, short, mid, long)
+    brief = [{k: v for k, v in t.items() if k != "corpus"} for t in trains]  # the manifest stays in *.train.json
     result = {"verdict": verdict, "why": why, "criteria": {k: {"holds": ok, "evidence": e} for k, (ok, e) in r.items()},
-              "training": trains}
+              "training": brief}
     (out / "verdict.json").write_text(json.dumps(result, indent=1) + "\n")
     from longnet_lightning.evaluation.report import plot
 

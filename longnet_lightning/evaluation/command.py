@@ -584,7 +584,7 @@ def protocol_description(stride: int | str | None, pack: bool) -> str:
                "a target is predicted from the tokens before it in its window (1 to c of them); "
                "the last window is aligned to the end and scores only targets not scored yet")
     else:
-        s = f"c/{stride.split('/')[1]} (a {stride.split('/')[1]}th of c)" if isinstance(stride, str) else str(stride)
+        s = str(stride)  # a token count, or c/k
         how = (f"non-overlapping windows of c tokens (c = the column's context length) over {seq}, the last one "
                "aligned to the end, scoring only targets not scored yet; and, reported beside them, sliding "
                f"windows of c tokens moving {s} tokens at a time: the first window scores all its targets, each "
