@@ -197,6 +197,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     until = end - (args.eval_reserve_s or preset["eval_reserve_s"])
     if args.no_compile:
         preset = {**preset, "model": {**preset.get("model", {}), "compile": False}}
+    if args.data_path:  # the user's own text instead of the recipes' corpus
+        preset = {**preset, "data": {**preset["data"], "corpus": "stdlib", "data_path": json.dumps(args.data_path)}}
     out = Path(args.out_dir or REPO / "runs" / time.strftime("table2-%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -208,6 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from longnet_lightning.data import LongTextDataModule
 
     data_args = {**recipe(args.models[0])["data"]["init_args"], **preset["data"]}
+    if args.data_path:
+        data_args["data_path"] = args.data_path
     data_args["seq_len"] //= preset["scale"]
     t = time.perf_counter()
     dm = LongTextDataModule(**data_args)
@@ -423,6 +427,8 @@ def main(argv=None) -> int:
     run.add_argument("--until", type=float, help="instead of --budget_s: the run's end as a Unix time")
     run.add_argument("--eval_reserve_s", type=float, help="seconds kept for the evaluation (default: the preset's)")
     run.add_argument("--no_compile", action="store_true", help="train without torch.compile")
+    run.add_argument("--data_path", nargs="+", help="train and evaluate on these files, folders or globs instead of "
+                     "the recipes' site-packages corpus (the held-out documents are its test split)")
     run.add_argument("--out_dir", help="run folders (default runs/table2-<date-time>)")
     run.add_argument("--export", help="folder for the small result files (default <out_dir>/export)")
     comb = sub.add_parser("combine", help="one report, intervals and the verdict from the export folders")
