@@ -134,6 +134,9 @@ class TimeBudget(Callback):
         cap = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else fit
         self.steps = max(step + 1, min(cap, fit))
         warmup = pl_module.hparams.get("warmup_steps", 0)
+        if self.steps < warmup:  # the shortened warm-up (effective_warmup_steps warns) differs from here on
+            rank_zero_info(f"TimeBudget: only {self.steps} steps fit, fewer than model.warmup_steps={warmup}; "
+                           f"the learning rates of the first {step} steps followed the longer warm-up")
         if step > warmup:
             raise RuntimeError(f"TimeBudget decided at step {step}, after the warm-up ({warmup} steps): the "
                                "learning rates so far depended on the old length; lower skip_steps + measure_steps "

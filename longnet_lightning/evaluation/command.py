@@ -13,9 +13,17 @@ Example (a LongNet and its dense baseline, on the held-out test split they were 
     python -m longnet_lightning evaluate --ckpt_path model.ckpt --data_path book.txt papers/ more.jsonl \\
         --context_lengths 2048 8192 32768 --stride 1024
 
-For every checkpoint and context length: perplexity, mean NLL and bits per byte over the same
-scored tokens (protocol in :mod:`longnet_lightning.data.windows`), and the mean NLL by
-position in the window in log-spaced buckets. Written to ``--out_dir``: ``results.json``,
+    python -m longnet_lightning evaluate --ckpt_path runs/longnet runs/dense --context_lengths 2K 8K 32K \\
+        --stride c/2 --patterns trained capped --min_document_tokens 32769 --max_document_tokens 64K
+    python -m longnet_lightning evaluate --from_results a/results.json b/results.json --out_dir both
+
+For every checkpoint (and attention pattern, ``--patterns``) and context length: perplexity,
+mean NLL and bits per byte over the same scored tokens (protocol in
+:mod:`longnet_lightning.data.windows`; with ``--stride``, sliding windows beside the
+non-overlapping ones), the mean NLL by position in the window in log-spaced buckets, and the NLL
+sum and target count of every document, from which :mod:`.intervals` draws 95% bootstrap
+intervals and paired differences (between context lengths of a model, between models).
+``--from_results`` combines earlier reports of the same documents into one. Written to ``--out_dir``: ``results.json``,
 ``table.md`` (rows: models, columns: context lengths), ``loss_by_position.csv`` and
 ``loss_by_position.png``; the tables are printed at the end.
 
