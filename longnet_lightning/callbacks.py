@@ -132,7 +132,8 @@ class TimeBudget(Callback):
         self.step_seconds = statistics.median(dts)
         fit = step + int(max(0.0, self._deadline - time.time()) / self.step_seconds)
         cap = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else fit
-        self.steps = max(step + 1, min(cap, fit))
+        # every rank decides at the same step; rank 0's clock decides for all (else DDP ranks could disagree)
+        self.steps, self.step_seconds = trainer.strategy.broadcast((max(step + 1, min(cap, fit)), self.step_seconds), 0)
         warmup = pl_module.hparams.get("warmup_steps", 0)
         if self.steps < warmup:  # the shortened warm-up (effective_warmup_steps warns) differs from here on
             rank_zero_info(f"TimeBudget: only {self.steps} steps fit, fewer than model.warmup_steps={warmup}; "

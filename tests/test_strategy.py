@@ -55,3 +55,16 @@ def test_data_parallel_fit_counts_every_token_once(tmp_path, tiny_corpus, cache_
     assert len(dp) == 3
     for (a, ta), (b, tb) in zip(one, dp):
         assert abs(a - b) <= 1e-4 * abs(a) and ta == tb, (one, dp)
+
+
+def test_time_budget_decides_once_for_every_rank(tmp_path, tiny_corpus, cache_dir):
+    """Two data-parallel ranks with a TimeBudget: rank 0's decision holds on both (a disagreement
+    would hang the collectives; the subprocess timeout turns that into a failure)."""
+    import time
+
+    dp = _fit(tmp_path / "dp", tiny_corpus, cache_dir, 2, "--data.batch_size", "2", "--trainer.strategy",
+              "longnet_lightning.distributed.SequenceParallelStrategy", "--trainer.strategy.sequence_parallel_size", "1",
+              "--model.warmup_steps", "5", "--trainer.max_steps", "6",
+              "--trainer.callbacks+=longnet_lightning.callbacks.TimeBudget", f"--trainer.callbacks.until={time.time() + 600}",
+              "--trainer.callbacks.skip_steps=0", "--trainer.callbacks.measure_steps=2")
+    assert len(dp) == 6
