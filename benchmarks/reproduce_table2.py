@@ -55,7 +55,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> (recipe, display name, kind)
+# name -> (recipe, display name)
 MODELS = {
     "longnet-8k": ("repro-longnet-8k.yaml", "LongNet 8K"),
     "dense-2k": ("repro-dense-2k.yaml", "Transformer 2K"),
@@ -103,7 +103,7 @@ def fit_command(name: str, preset: dict, run_dir: Path, steps: int, until: float
     ]
     for key, value in preset["trainer"].items():
         cmd += [f"--trainer.{key}", str(value)]
-    for key, value in {**preset["data"]}.items():
+    for key, value in preset["data"].items():
         cmd += [f"--data.{key}", str(value)]
     for key, value in preset.get("model", {}).items():
         cmd += [f"--model.{key}", str(value).lower() if isinstance(value, bool) else str(value)]
@@ -156,7 +156,7 @@ def wait_all(procs: dict[str, tuple[subprocess.Popen, Path]], what: str) -> None
         raise SystemExit(f"error: {what} failed for {', '.join(failed)}")
 
 
-def train_summary(name: str, run_dir: Path, seconds: float, preset: dict) -> dict:
+def train_summary(name: str, run_dir: Path, seconds: float) -> dict:
     """Steps, throughput and the loss curve of one finished run (from its checkpoint and CSV log)."""
     import torch
 
@@ -233,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in args.models:  # what the budget decided
         print(*(f"{name}: {line.strip()}" for line in (out / f"fit-{name}.log").read_text(errors="replace").splitlines()
                 if "TimeBudget:" in line), sep="\n", flush=True)
-    summaries = {name: {**train_summary(name, out / name, fit_seconds, preset), "corpus": corpus,
+    summaries = {name: {**train_summary(name, out / name, fit_seconds), "corpus": corpus,
                         "device": device_name(), "python": platform.python_version()} for name in args.models}
     for s in summaries.values():
         tps = f"{s['tokens_per_second']:,.0f}" if s["tokens_per_second"] else "n/a"
