@@ -9,6 +9,8 @@ It checks, in bf16 and fp32 (relative L2 error of outputs and gradients against 
   memory-efficient, plain torch, and xformers where it runs;
 - ``dilated_attention`` on awkward shapes, packed and strided plans, Triton and PyTorch data
   movement;
+- ``dilated_attention`` compiled (``torch.compile(fullgraph=True)``: the registered operator);
+- the fused LM head + cross-entropy (Triton row passes) against float64;
 - sequence-parallel attention and a whole-model training step on two processes sharing the GPU
   (``gloo`` on CUDA tensors), against one process on the whole sequence.
 """
@@ -105,6 +107,45 @@ def check_single(rows):
                                 *(rel(g, r) for g, r in zip(grads2, gref)))
                 rows.append((f"dilated {plan}, triton {tri}", str(dtype)[6:], f"{len(CASES)} shapes", f"{worst:.2e}",
                              worst < BOUND[dtype]))
+
+
+def check_compiled(rows):
+    """``dilated_attention`` inside ``torch.compile(fullgraph=True)``: no graph break, and the
+    same results as eager (both against float64)."""
+    b, n, h, d, ws, rs, causal = CASES[0]
+    fn = torch.compile(lambda q, k, v: dilated_attention(q, k, v, ws, rs, causal=causal) * 1.0, fullgraph=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = (_rand((b, n, h, d), torch.float64, 50 + j).requires_grad_() for j in range(3))
+        ref = dilated_attention_reference(q, k, v, DilationPattern(ws, rs), causal=causal)
+        dout = torch.randn_like(ref)
+        gref = torch.autograd.grad(ref, (q, k, v), dout)
+        ql, kl, vl = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        out = fn(ql, kl, vl)
+        grads = torch.autograd.grad(out, (ql, kl, vl), dout.to(dtype))
+        worst = max(rel(out, ref), *(rel(g, r) for g, r in zip(grads, gref)))
+        rows.append(("dilated, torch.compile fullgraph", str(dtype)[6:], f"N={n}", f"{worst:.2e}", worst < BOUND[dtype]))
+
+
+def check_loss(rows):
+    """The fused LM head + cross-entropy, Triton row passes, against float64."""
+    from longnet_lightning.loss import linear_cross_entropy
+
+    for dtype in (torch.bfloat16, torch.float32):
+        worst = 0.0
+        for t, e, vocab, chunk in [(8192, 768, 32768, 4096), (1000, 64, 257, 300), (513, 128, 50257, 128)]:
+            h = _rand((1, t, e), torch.float64, t)
+            w = _rand((vocab, e), torch.float64, vocab) * e ** -0.5
+            y = torch.randint(0, vocab, (1, t), device="cuda")
+            y[0, ::7] = -100
+            g = torch.rand(1, t, device="cuda", dtype=torch.float64)
+            hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+            ref = torch.nn.functional.cross_entropy((hr @ wr.t())[0], y[0], reduction="none")[None]
+            gref = torch.autograd.grad((ref * g).sum(), (hr, wr))
+            hf, wf = h.to(dtype).requires_grad_(), w.float().requires_grad_()
+            nll = linear_cross_entropy(hf, wf, y, chunk)
+            grads = torch.autograd.grad((nll * g.float()).sum(), (hf, wf))
+            worst = max(worst, rel(nll, ref), *(rel(a, b) for a, b in zip(grads, gref)))
+        rows.append(("fused LM head + cross-entropy", str(dtype)[6:], "3 shapes", f"{worst:.2e}", worst < BOUND[dtype]))
 
 
 def _on_ranks(fn, world: int, *args):
@@ -262,8 +303,8 @@ def check_model_step(rows, world=2, n=49152):
 
 
 def main(argv=None) -> int:
-    checks = {f.__name__: f for f in (check_rectangular, check_single, check_sequence_parallel, check_model_step,
-                                      time_paper_pattern)}
+    checks = {f.__name__: f for f in (check_rectangular, check_single, check_compiled, check_loss,
+                                      check_sequence_parallel, check_model_step, time_paper_pattern)}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(checks), help="run only these checks (default: all)")
     args = p.parse_args(argv)

@@ -1,11 +1,21 @@
-"""Training throughput of the LongNet model on one GPU: tokens/s, MFU, peak memory.
+"""Training throughput of the LongNet model on one GPU: tokens/s, MFU, peak memory, and a
+correctness check of every mode against the dense reference.
 
-    python -m benchmarks.train_throughput --model 125M --contexts 8192 32768 131072 1048576
+    python -m benchmarks.train_throughput --model 125M --contexts 8192 32768 131072 1048576 \\
+        --modes eager compiled --check
 
-One optimizer step = forward + backward + AdamW, bf16 autocast, batch = max(1, tokens // context).
+One optimizer step = forward + backward + gradient clipping + AdamW (fused), bf16 autocast,
+batch = max(1, tokens // context). Modes:
+* ``eager``;
+* ``compiled``: ``torch.compile(model.loss)``, what ``LongNetLM(compile=True)`` does;
+* ``graphs``: the same with CUDA graphs (``mode="reduce-overhead"``).
 MFU = model FLOPs per token (LongNetConfig.flops_per_token: 6 x matmul parameters incl. the LM
 head, plus attention as docs/semantics.md counts it, backward = 2.5 x forward) x tokens/s / peak,
 with the H200's dense bf16 peak of 989 TFLOP/s (datasheet). Dense attention runs beside dilated.
+
+``--check``: for each mode, a 2-layer model of the same width at ``--check-context`` tokens, bf16,
+against the same weights in float64 with the dense ``N x N`` reference attention of
+docs/semantics.md: relative L2 error of the loss and of every parameter's gradient.
 """
 import argparse
 import json
@@ -14,46 +24,95 @@ import torch
 
 from longnet_lightning.model import LongNet, LongNetConfig
 
-from .common import bench_ms, require_cuda
+from .common import bench_ms, require_cuda, wall_s
 
 PEAK = 989e12
+MODES = ("eager", "compiled", "graphs")
 
 
-def run(model_name, attention, context, tokens, vocab, steps, ckpt, compile_blocks=False):
+def _loss_fn(model, mode):
+    if mode == "eager":
+        return model.loss
+    return torch.compile(model.loss, mode="reduce-overhead" if mode == "graphs" else None)
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def _config(model_name, attention, context, vocab, ckpt, **kw):
+    return LongNetConfig.from_name(model_name, vocab_size=vocab, attention=attention, activation_checkpointing=ckpt,
+                                   position="xpos" if attention == "dilated" or context <= 65536 else "rope", **kw)
+
+
+def run(model_name, attention, context, tokens, vocab, steps, ckpt, mode):
+    torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cfg = LongNetConfig.from_name(model_name, vocab_size=vocab, attention=attention, activation_checkpointing=ckpt,
-                                  position="xpos" if attention == "dilated" or context <= 65536 else "rope")
+    cfg = _config(model_name, attention, context, vocab, ckpt)
     model = LongNet(cfg).cuda()
-    if compile_blocks:  # torch.compile each block; the dilated attention call stays eager (a graph break)
-        for blk in model.blocks:
-            blk.compile()
+    loss_fn = _loss_fn(model, mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)
     bsz = max(1, tokens // context)
     idx = torch.randint(0, vocab, (bsz, context), device="cuda")
     last = {}
+    breaks = _graph_breaks()
 
     def step():
+        if mode == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            last["loss"] = loss = model.loss(idx, idx)
+            loss = loss_fn(idx, idx)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        last["loss"] = loss.detach().clone()
 
+    row = dict(model=model_name, attention=attention, context=context, batch=bsz, ckpt=ckpt, mode=mode)
     try:
-        t = bench_ms(step, reps=steps, warmup=2) / 1e3  # CUDA-event median after 2 warm-up steps
+        row["first_step_s"] = wall_s(step)  # compiles
+        t = bench_ms(step, reps=steps, warmup=1) / 1e3  # CUDA-event median
     except torch.OutOfMemoryError:
-        return dict(model=model_name, attention=attention, context=context, ckpt=ckpt, compiled=compile_blocks,
-                    error="OOM")
+        return {**row, "error": "OOM"}
     except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
-        return dict(model=model_name, attention=attention, context=context, ckpt=ckpt, compiled=compile_blocks,
-                    error=f"{type(e).__name__}: {e}"[:200])
+        return {**row, "error": f"{type(e).__name__}: {e}"[:300]}
     tps = bsz * context / t
-    return dict(model=model_name, attention=attention, context=context, batch=bsz, ckpt=ckpt,
-                compiled=compile_blocks, step_s=t,
-                tokens_per_s=tps, mfu=cfg.flops_per_token(context) * tps / PEAK,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(last["loss"]))
+    return {**row, "step_s": t, "tokens_per_s": tps, "mfu": cfg.flops_per_token(context) * tps / PEAK,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(last["loss"]),
+            "graph_breaks": _graph_breaks() - breaks}
+
+
+def check(model_name, vocab, context, mode, seed=0):
+    """Relative L2 errors (loss, worst parameter gradient) of ``mode`` in bf16 against float64
+    with the dense reference attention, same weights, same tokens."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    cfg = _config(model_name, "dilated", context, vocab, False, n_layer=2)
+    fast = LongNet(cfg).cuda()
+    ref = LongNet(_config(model_name, "dilated", context, vocab, False, n_layer=2, attn_backend="reference")).cuda()
+    ref.load_state_dict(fast.state_dict())
+    ref.double()
+    idx = torch.randint(0, vocab, (1, context), device="cuda")
+    labels = idx.roll(-1, 1)
+    labels[:, -1] = -100
+    fn = _loss_fn(fast, mode)
+    for _ in range(2 if mode == "graphs" else 1):  # CUDA graphs record on a later call
+        if mode == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        fast.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(idx, labels)
+        loss.backward()
+    ref_loss = ref.loss(idx, labels)
+    ref_loss.backward()
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+    grads = {n: rel(p.grad, q.grad) for (n, p), (_, q) in zip(fast.named_parameters(), ref.named_parameters())}
+    worst = max(grads, key=grads.get)
+    return dict(mode=mode, context=context, loss=rel(loss.detach(), ref_loss.detach()), grad=grads[worst],
+                worst_param=worst)
 
 
 def main():
@@ -62,35 +121,46 @@ def main():
     ap.add_argument("--model", default="125M")
     ap.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 131072, 1048576])
     ap.add_argument("--attention", nargs="*", default=["dilated", "dense"])
+    ap.add_argument("--modes", nargs="*", default=["eager", "compiled"], choices=MODES)
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per step (batch = tokens // context)")
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dense-max", type=int, default=131072)
     ap.add_argument("--ckpt-from", type=int, default=262144, help="activation checkpointing from this context")
-    ap.add_argument("--compile", nargs="*", type=int, default=[0], help="0: eager, 1: torch.compile the blocks")
+    ap.add_argument("--check", action="store_true", help="check each mode against the float64 dense reference first")
+    ap.add_argument("--check-context", type=int, default=4096)
     ap.add_argument("--json", default="train_throughput.json", help="where to write every row")
     args = ap.parse_args()
     require_cuda("benchmarks.train_throughput")
-    rows = []
+    checks, rows = [], []
+    if args.check:
+        for mode in args.modes:
+            checks.append(check(args.model, args.vocab, args.check_context, mode))
+            print(json.dumps(checks[-1]), flush=True)
     for ctx in args.contexts:
         for att in args.attention:
             if att == "dense" and ctx > args.dense_max:
                 continue
-            for comp in args.compile:
+            for mode in args.modes:
                 r = run(args.model, att, ctx, args.tokens, args.vocab, args.steps if ctx < 2**20 else 3,
-                        ctx >= args.ckpt_from, bool(comp))
+                        ctx >= args.ckpt_from, mode)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1)
-    print("\n| model | attention | context | batch | act. ckpt | compiled | step s | tokens/s | MFU | peak GiB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+        json.dump({"checks": checks, "rows": rows}, f, indent=1)
+    if checks:
+        print("\n| mode | check context | loss rel. L2 | worst gradient rel. L2 | parameter |\n|---|---|---|---|---|")
+        for c in checks:
+            print(f"| {c['mode']} | {c['context']:,} | {c['loss']:.2e} | {c['grad']:.2e} | {c['worst_param']} |")
+    print("\n| model | attention | context | batch | act. ckpt | mode | step s | tokens/s | MFU | peak GiB | "
+          "graph breaks | first step s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        head = f"| {r['model']} | {r['attention']} | {r['context']:,} | {r.get('batch', '')} | {r['ckpt']} | {r['compiled']} |"
+        head = f"| {r['model']} | {r['attention']} | {r['context']:,} | {r['batch']} | {r['ckpt']} | {r['mode']} |"
         if "error" in r:
-            print(f"{head} {r['error']} | | | |")
+            print(f"{head} {r['error']} | | | | | |")
         else:
-            print(f"{head} {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+            print(f"{head} {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+                  f"{r['peak_gib']:.1f} | {r['graph_breaks']} | {r['first_step_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from .attention.kernels import BACKENDS
 from .attention.multihead import LayerNorm, MultiheadDilatedAttention
 from .attention.settings import AttentionSettings
+from .loss import IGNORE_INDEX, linear_cross_entropy  # IGNORE_INDEX: a label that is not scored, everywhere
 
-IGNORE_INDEX = -100  # a label that is not scored (the loss, the metrics, the windows and evaluation)
 
 # Attention patterns (segment_lengths, dilation_rates).
 PATTERNS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -209,7 +209,8 @@ class LongNet(nn.Module):
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be [B, N] token ids, got shape {tuple(idx.shape)}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+        # The range check reads the ids back (a host sync); a compiled model leaves it out.
+        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
             raise ValueError(
                 f"token ids must be in [0, vocab_size={self.config.vocab_size}), got "
                 f"[{int(idx.min())}, {int(idx.max())}]: the tokenizer and the model disagree"
@@ -233,7 +234,7 @@ class LongNet(nn.Module):
         return self.lm_head(h[:, -1:] if last_only else h)
 
     def loss(self, idx: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", group=None):
-        """Next-token cross-entropy, computed ``loss_chunk_size`` tokens at a time.
+        """Next-token cross-entropy, the LM head fused with it (:mod:`.loss`), ``loss_chunk_size`` tokens at a time.
 
         ``labels`` ``[B, N]`` (``IGNORE_INDEX`` = -100: not scored). ``reduction``: ``"mean"`` over scored
         tokens, ``"sum"``, or ``"none"`` (``[B, N]`` NLL, 0 where not scored). Logits are never
@@ -242,8 +243,8 @@ class LongNet(nn.Module):
         """
         if labels.shape != idx.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match idx {tuple(idx.shape)}")
-        nll = chunked_cross_entropy(self.hidden_states(idx, group=group), self.lm_head.weight, labels,
-                                    self.config.loss_chunk_size)
+        nll = linear_cross_entropy(self.hidden_states(idx, group=group), self.lm_head.weight, labels,
+                                   self.config.loss_chunk_size)
         if reduction == "none":
             return nll
         total = nll.sum()
@@ -286,28 +287,3 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = No
     probs = torch.softmax(logits, -1)
     device = generator.device if generator is not None else probs.device
     return torch.multinomial(probs.to(device), 1, generator=generator).to(logits.device)
-
-
-def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight)  # [T, V]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Per-token NLL ``[B, N]`` of ``hidden`` ``[B, N, E]`` under the head ``weight`` ``[V, E]``.
-
-    Each chunk's logits are recomputed in the backward (activation checkpointing), so at most
-    ``chunk x V`` logits exist at any time.
-    """
-    b, n, e = hidden.shape
-    h, y = hidden.reshape(b * n, e), labels.reshape(b * n)
-    parts = []
-    for i in range(0, b * n, chunk):
-        hs, ys = h[i:i + chunk], y[i:i + chunk]
-        if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
-            parts.append(checkpoint(_ce_chunk, hs, weight, ys, use_reentrant=False))
-        else:
-            parts.append(_ce_chunk(hs, weight, ys))
-    return torch.cat(parts).view(b, n) if parts else hidden.new_zeros(b, n, dtype=torch.float32)

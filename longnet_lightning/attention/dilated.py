@@ -15,6 +15,10 @@ inside the chunk run as above; for a segment that spans ranks, every rank sends 
 V rows it holds (already sparsified) to the ranks that need them, in one exchange per call, and
 its queries attend to the gathered keys; the backward returns the key gradients to their owners
 in one exchange. The exchange itself (a collective) comes from :mod:`longnet_lightning.distributed`.
+
+On one process the engine runs as the registered operator ``torch.ops.longnet.dilated_attention``
+(and its backward), so ``torch.compile`` traces a model through it as one graph; the
+sequence-parallel path, with its collectives, stays eager (a graph break).
 """
 from __future__ import annotations
 
@@ -268,21 +272,65 @@ def _like(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return dout if dout.stride() == out.stride() else dout.contiguous()
 
 
-class _DilatedAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, run: _Run):
-        packed = use_packed(q, run.causal, run.settings, run.triton)
-        out, lse = run.packed_forward(q, k, v) if packed else run.strided_forward(q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.run, ctx.packed = run, packed
-        return out
+# The single-process attention as a registered operator: ``torch.compile`` keeps it in the graph as
+# one opaque call (shapes from the fake implementations), so whole models compile without a
+# break, and autograd runs the backward operator. Only tensors and plain values cross the boundary:
+# the pattern as two int lists, the settings as ``AttentionSettings.key()``.
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        run, dout = ctx.run, _like(dout, out)
-        grads = (run.packed_backward if ctx.packed else run.strided_backward)(dout, q, k, v, out, lse)
-        return *grads, None
+def _run_of(q, segment_lengths, dilation_rates, causal, scale, backend, settings_key) -> _Run:
+    pattern = DilationPattern.of(segment_lengths, dilation_rates)
+    settings = AttentionSettings.from_key(settings_key)
+    return _Run(pattern, causal, scale, select_kernel(backend, q, settings), settings, use_triton(q, settings))
+
+
+@torch.library.custom_op("longnet::dilated_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int],
+                  dilation_rates: list[int], causal: bool, scale: float, backend: str,
+                  settings: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged output ``[B, N, H, Dv]`` (q's dtype) and log-sum-exp ``[B, N, H]`` (float32/64)."""
+    run = _run_of(q, segment_lengths, dilation_rates, causal, scale, backend, settings)
+    q, k, v = normalize_layout(q), normalize_layout(k), normalize_layout(v)
+    if use_packed(q, causal, run.settings, run.triton):
+        return run.packed_forward(q, k, v)
+    return run.strided_forward(q, k, v)
+
+
+@_attention_op.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, causal, scale, backend, settings):
+    b, n, h, _ = q.shape
+    return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, n, h, dtype=_accum_dtype(q.dtype))
+
+
+@torch.library.custom_op("longnet::dilated_attention_backward", mutates_args=())
+def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, segment_lengths: list[int],
+                           dilation_rates: list[int], causal: bool, scale: float, backend: str,
+                           settings: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv``, contiguous, in the inputs' dtypes."""
+    run = _run_of(q, segment_lengths, dilation_rates, causal, scale, backend, settings)
+    q, k, v = normalize_layout(q), normalize_layout(k), normalize_layout(v)
+    dout = _like(dout, out)
+    packed = use_packed(q, causal, run.settings, run.triton)
+    return tuple((run.packed_backward if packed else run.strided_backward)(dout, q, k, v, out, lse))
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, causal, scale, backend, settings):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, *ctx.args = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return *_attention_backward_op(dout, q, k, v, out, lse, *ctx.args), *(None,) * len(ctx.args)
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 class _ShardedAttentionFn(torch.autograd.Function):
@@ -310,6 +358,7 @@ class _ShardedAttentionFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+@torch.compiler.disable  # collectives and a per-call plan: a graph break, run eagerly
 def _sharded(q, k, v, run: _Run, group, lengths):
     """``dilated_attention`` of one rank's chunk; ``lengths`` (every rank's chunk length) are
     exchanged, and the shapes checked to agree, when not given."""
@@ -330,7 +379,6 @@ def _sharded(q, k, v, run: _Run, group, lengths):
     return run.sharded_forward(q, k, v, plan, recv)[0]
 
 
-@torch.compiler.disable  # Python-level plan and custom kernels: a graph break, never traced
 def dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -369,17 +417,16 @@ def dilated_attention(
         if group is not None:
             raise ValueError("backend='reference' runs on one process: use another backend with group=")
         return dilated_attention_reference(q, k, v, pattern, causal=causal, scale=scale)
-    run = _Run(pattern, causal, scale, select_kernel(backend, q, settings), settings, use_triton(q, settings))
-    q, k, v = normalize_layout(q), normalize_layout(k), normalize_layout(v)
     if group is not None:
         if k.dtype != v.dtype:
             raise ValueError(f"k ({k.dtype}) and v ({v.dtype}) must share a dtype with group=: their rows travel together")
+        run = _Run(pattern, causal, scale, select_kernel(backend, q, settings), settings, use_triton(q, settings))
+        q, k, v = normalize_layout(q), normalize_layout(k), normalize_layout(v)
         return _sharded(q, k, v, run, group, lengths)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _DilatedAttentionFn.apply(q, k, v, run)
-    if use_packed(q, causal, settings, run.triton):
-        return run.packed_forward(q, k, v)[0]
-    return run.strided_forward(q, k, v)[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+    return _attention_op(q, k, v, list(pattern.segment_lengths), list(pattern.dilation_rates), causal, scale,
+                         backend, settings.key())[0]
 
 
 class DilatedAttention(nn.Module):

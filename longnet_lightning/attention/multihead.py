@@ -125,8 +125,7 @@ class MultiheadDilatedAttention(nn.Module):
             from torch.distributed import get_rank
 
             start_pos, origin = sum(lengths[:get_rank(group)]), 0  # segments lie on the global grid
-        shape = (b, n, self.num_heads, self.head_dim)
-        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        q, k, v = self._qkv(x)
         if self.rotary is not None:
             q, k = self.rotary(q, k, start=start_pos, origin=origin)
         if self.pattern is None:
@@ -138,6 +137,15 @@ class MultiheadDilatedAttention(nn.Module):
         if self.inner_norm is not None:
             y = self.inner_norm(y)
         return self.dropout(self.out_proj(y))
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q, k, v`` ``[B, N, H, D]`` from one matmul over the three projections' weights
+        (one larger GEMM runs faster than three); views of its ``[B, N, 3, H, D]`` output."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projs])
+        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+        qkv = F.linear(x, weight, bias).view(*x.shape[:2], 3, self.num_heads, self.head_dim)
+        return qkv.unbind(2)
 
     def extra_repr(self) -> str:
         kind = "dense" if self.pattern is None else str(self.pattern)

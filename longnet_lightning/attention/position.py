@@ -84,24 +84,28 @@ class Rotary(nn.Module):
         ``inference_mode`` cannot be saved for backward, so that mode has its own).
         """
         origin = start if origin is None else origin
+        if torch.compiler.is_compiling():  # an opaque call: inlined, the float64 tables would be recomputed per element
+            return _factors_op(n, start, origin, self.head_dim, self.theta, self.scale_base, self.gamma,
+                               self.anchor_block, torch.device(device), dtype)
         key = (self.head_dim, self.theta, self.scale_base, self.gamma, self.anchor_block, n, start, origin,
                torch.device(device), dtype, torch.is_inference_mode_enabled())
         hit = _FACTORS.get(key)
         if hit is not None:
             _FACTORS.move_to_end(key)
         else:
-            cos, sin, decay = self._tables(n, start, origin, device)
-            c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
-            if decay is None:
-                hit = (c, s, c, s)
-            else:
-                d = torch.cat((decay, decay), -1)
-                hit = (c * d, s * d, c / d, s / d)
-            hit = tuple(t.to(dtype) for t in hit)
-            _FACTORS[key] = hit
+            hit = _FACTORS[key] = self._combined(n, start, origin, device, dtype)
             while len(_FACTORS) > _FACTORS_KEPT:
                 _FACTORS.popitem(last=False)
         return hit
+
+    def _combined(self, n: int, start: int, origin: int, device, dtype) -> tuple[torch.Tensor, ...]:
+        """``(cq, sq, ck, sk)`` of :meth:`factors`, computed now (four distinct tensors)."""
+        cos, sin, decay = self._tables(n, start, origin, device)
+        c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        if decay is None:
+            return tuple(t.to(dtype) for t in (c, s, c.clone(), s.clone()))
+        d = torch.cat((decay, decay), -1)
+        return tuple(t.to(dtype) for t in (c * d, s * d, c / d, s / d))
 
     @staticmethod
     def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -122,3 +126,17 @@ class Rotary(nn.Module):
     def extra_repr(self) -> str:
         kind = "rope" if self.scale_base is None else f"xpos(scale_base={self.scale_base}, anchor_block={self.anchor_block})"
         return f"{kind}, head_dim={self.head_dim}"
+
+
+@torch.library.custom_op("longnet::rotary_factors", mutates_args=())
+def _factors_op(n: int, start: int, origin: int, head_dim: int, theta: float, scale_base: float | None,
+                gamma: float, anchor_block: int | None, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`Rotary.factors` inside a compiled graph: computed once per call, ``[N, D]`` each."""
+    rot = Rotary(head_dim, theta, scale_base, gamma, anchor_block)
+    return rot._combined(n, start, origin, device, dtype)
+
+
+@_factors_op.register_fake
+def _(n, start, origin, head_dim, theta, scale_base, gamma, anchor_block, device, dtype):
+    return tuple(torch.empty(n, head_dim, device=device, dtype=dtype) for _ in range(4))

@@ -13,6 +13,8 @@ plan whatever each one's fallbacks.
 """
 from __future__ import annotations
 
+import ast
+import functools
 from dataclasses import asdict, dataclass, fields
 
 @dataclass(frozen=True)
@@ -78,6 +80,19 @@ class AttentionSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def key(self) -> str:
+        """These settings as one string, what the attention operator receives (:meth:`from_key`
+        reads it back). Plain attribute reads, so ``torch.compile`` traces it to a constant."""
+        return ";".join(f"{name}={getattr(self, name)!r}" for name in _NAMES)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=32)
+    def from_key(key: str) -> "AttentionSettings":
+        return AttentionSettings(**{n: ast.literal_eval(v) for n, v in (p.split("=", 1) for p in key.split(";"))})
+
+
+_NAMES = tuple(f.name for f in fields(AttentionSettings))
 
 
 @dataclass
