@@ -29,13 +29,19 @@ BASE = AttentionSettings()  # --forward_acc / --xformers_force change it in main
 
 def use(backend: str) -> tuple[str, AttentionSettings]:
     """``(backend, settings)`` for ``backend``: ``sdpa:flash`` / ``sdpa:cudnn`` pick the CUDA
-    kernel behind the sdpa backend; a suffix ``@packed`` / ``@strided`` forces the plan (default:
-    chosen by size)."""
-    backend, _, plan = backend.partition("@")
+    kernel behind the sdpa backend; suffixes after ``@``, joined by ``+``: ``packed`` / ``strided``
+    force the plan (default: chosen by size), ``serial`` runs the merges in line
+    (``overlap=False``), e.g. ``sdpa:cudnn@strided+serial``."""
+    backend, _, mods = backend.partition("@")
+    mods = set(mods.split("+")) - {""}
+    if mods - {"packed", "strided", "serial"}:
+        raise ValueError(f"unknown backend suffix in {backend}@{'+'.join(mods)}: use packed, strided, serial")
     name, _, impl = backend.partition(":")
     kw = BASE.to_dict()
-    kw["packed_max_tokens"] = {"packed": 2**62, "strided": 0}.get(plan, BASE.packed_max_tokens)
+    kw["packed_max_tokens"] = 2**62 if "packed" in mods else 0 if "strided" in mods else BASE.packed_max_tokens
     kw["sdpa_cuda"] = impl or "cudnn"
+    if "serial" in mods:
+        kw["overlap"] = False
     return name, AttentionSettings(**kw)
 
 
@@ -138,7 +144,7 @@ def main():
         for backend in args.backends:
             if (backend == "dense" and n > args.dense_max) or (backend.startswith("torch") and n > args.torch_max):
                 continue
-            if backend.endswith("@packed") and n > args.packed_max:
+            if "packed" in backend.partition("@")[2].split("+") and n > args.packed_max:
                 continue
             try:
                 r = speed(n, backend, args.reps)

@@ -9,6 +9,7 @@ It checks, in bf16 and fp32 (relative L2 error of outputs and gradients against 
   memory-efficient, plain torch, and xformers where it runs;
 - ``dilated_attention`` on awkward shapes, packed and strided plans, Triton and PyTorch data
   movement;
+- merges on a second CUDA stream (``overlap``) against the same merges in line: bit for bit;
 - ``dilated_attention`` compiled (``torch.compile(fullgraph=True)``: the registered operator);
 - the fused LM head + cross-entropy (Triton row passes) against float64;
 - sequence-parallel attention and a whole-model training step on two processes sharing the GPU
@@ -107,6 +108,33 @@ def check_single(rows):
                                 *(rel(g, r) for g, r in zip(grads2, gref)))
                 rows.append((f"dilated {plan}, triton {tri}", str(dtype)[6:], f"{len(CASES)} shapes", f"{worst:.2e}",
                              worst < BOUND[dtype]))
+
+
+def check_overlap(rows):
+    """The strided plan's merges on a second stream (``overlap``, the default) give the results of
+    running them in line, including many-call plans where the side stream lags: bit for bit
+    when the kernels are deterministic, else within the rounding noise of two runs in line
+    (relative L2 of the output and the gradients)."""
+    from longnet_lightning.model import PATTERNS
+
+    paper = [list(p) for p in PATTERNS["paper"]]
+    cases = [(1, 32768, 12, 64, *paper), (4, 8192, 12, 64, *paper), (1, 262144, 12, 64, *paper),
+             (2, 3001, 7, 64, [512, 1000, 3000], [1, 3, 7]), (1, 65536, 12, 64, *paper)]
+    for b, n, h, d, ws, rs in cases:
+        q, k, v = (_rand((b, n, h, d), torch.bfloat16, 70 + j).requires_grad_() for j in range(3))
+        dout = _rand((b, n, h, d), torch.bfloat16, 80)
+        got = []
+        for overlap in (False, False, True):
+            s = AttentionSettings(packed_max_tokens=0, overlap=overlap,
+                                  max_rows_per_call=2**19 if n < 2**18 else 2**16)
+            out = dilated_attention(q, k, v, ws, rs, settings=s)
+            got.append([out.detach(), *torch.autograd.grad(out, (q, k, v), dout)])
+        diff = lambda x, y: max(rel(a, c) for a, c in zip(x, y))  # noqa: E731 - output and dq, dk, dv
+        noise, worst = diff(got[1], got[0]), diff(got[2], got[0])
+        # a race (a merge reading rows not yet written, or memory reused under it) moves whole rows:
+        # far above the rounding noise of the kernels' atomics, which is all two runs in line differ by
+        rows.append(("overlap on vs off, strided plan", "bf16", f"B={b} N={n}",
+                     f"{worst:.1e} (off vs off {noise:.1e})", worst <= max(4 * noise, 1e-4)))
 
 
 def check_compiled(rows):
@@ -303,7 +331,7 @@ def check_model_step(rows, world=2, n=49152):
 
 
 def main(argv=None) -> int:
-    checks = {f.__name__: f for f in (check_rectangular, check_single, check_compiled, check_loss,
+    checks = {f.__name__: f for f in (check_rectangular, check_single, check_overlap, check_compiled, check_loss,
                                       check_sequence_parallel, check_model_step, time_paper_pattern)}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(checks), help="run only these checks (default: all)")

@@ -47,11 +47,11 @@ def _config(model_name, attention, context, vocab, ckpt, **kw):
                                    position="xpos" if attention == "dilated" or context <= 65536 else "rope", **kw)
 
 
-def run(model_name, attention, context, tokens, vocab, steps, ckpt, mode):
+def run(model_name, attention, context, tokens, vocab, steps, ckpt, mode, settings=None):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cfg = _config(model_name, attention, context, vocab, ckpt)
+    cfg = _config(model_name, attention, context, vocab, ckpt, attention_settings=settings or {})
     model = LongNet(cfg).cuda()
     loss_fn = _loss_fn(model, mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)
@@ -71,7 +71,8 @@ def run(model_name, attention, context, tokens, vocab, steps, ckpt, mode):
         opt.zero_grad(set_to_none=True)
         last["loss"] = loss.detach().clone()
 
-    row = dict(model=model_name, attention=attention, context=context, batch=bsz, ckpt=ckpt, mode=mode)
+    row = dict(model=model_name, attention=attention, context=context, batch=bsz, ckpt=ckpt, mode=mode,
+               settings=settings or {})
     try:
         row["first_step_s"] = wall_s(step)  # compiles
         t = bench_ms(step, reps=steps, warmup=1) / 1e3  # CUDA-event median
@@ -85,12 +86,12 @@ def run(model_name, attention, context, tokens, vocab, steps, ckpt, mode):
             "graph_breaks": _graph_breaks() - breaks}
 
 
-def check(model_name, vocab, context, mode, seed=0):
+def check(model_name, vocab, context, mode, settings=None, seed=0):
     """Relative L2 errors (loss, worst parameter gradient) of ``mode`` in bf16 against float64
     with the dense reference attention, same weights, same tokens."""
     torch._dynamo.reset()
     torch.manual_seed(seed)
-    cfg = _config(model_name, "dilated", context, vocab, False, n_layer=2)
+    cfg = _config(model_name, "dilated", context, vocab, False, n_layer=2, attention_settings=settings or {})
     fast = LongNet(cfg).cuda()
     ref = LongNet(_config(model_name, "dilated", context, vocab, False, n_layer=2, attn_backend="reference")).cuda()
     ref.load_state_dict(fast.state_dict())
@@ -129,13 +130,15 @@ def main():
     ap.add_argument("--ckpt-from", type=int, default=262144, help="activation checkpointing from this context")
     ap.add_argument("--check", action="store_true", help="check each mode against the float64 dense reference first")
     ap.add_argument("--check-context", type=int, default=4096)
+    ap.add_argument("--settings", type=json.loads, default={},
+                    help='attention settings as JSON, e.g. \'{"overlap": false}\' (AttentionSettings fields)')
     ap.add_argument("--json", default="train_throughput.json", help="where to write every row")
     args = ap.parse_args()
     require_cuda("benchmarks.train_throughput")
     checks, rows = [], []
     if args.check:
         for mode in args.modes:
-            checks.append(check(args.model, args.vocab, args.check_context, mode))
+            checks.append(check(args.model, args.vocab, args.check_context, mode, args.settings))
             print(json.dumps(checks[-1]), flush=True)
     for ctx in args.contexts:
         for att in args.attention:
@@ -143,7 +146,7 @@ def main():
                 continue
             for mode in args.modes:
                 r = run(args.model, att, ctx, args.tokens, args.vocab, args.steps if ctx < 2**20 else 3,
-                        ctx >= args.ckpt_from, mode)
+                        ctx >= args.ckpt_from, mode, args.settings)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     with open(args.json, "w") as f:
@@ -152,6 +155,8 @@ def main():
         print("\n| mode | check context | loss rel. L2 | worst gradient rel. L2 | parameter |\n|---|---|---|---|---|")
         for c in checks:
             print(f"| {c['mode']} | {c['context']:,} | {c['loss']:.2e} | {c['grad']:.2e} | {c['worst_param']} |")
+    if args.settings:
+        print(f"\nattention settings: {args.settings}")
     print("\n| model | attention | context | batch | act. ckpt | mode | step s | tokens/s | MFU | peak GiB | "
           "graph breaks | first step s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -206,11 +206,12 @@ def test_backends_name_head_dims_and_dtypes_they_cannot_take():
 
 
 def test_packed_plan_folds_branches_of_equal_length():
-    """The paper pattern at 32K packs branches r = 1, 2, 4 (L = 2048) and r = 6, 12 (L = 2731)
-    into two kernel calls, r = 1 leading the first (its rows are written, not merged)."""
+    """The paper pattern at 32K: r = 1 is a call of its own, read in place (its rows are written,
+    not merged); r = 2, 4 (L = 2048) and r = 6, 12 (L = 2731) are packed into one call each."""
     calls = packed_plan(DilationPattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)), 1, 32768, 12)
     assert [[(c.w, c.r, first) for first, c in call] for call in calls] == [
-        [(2048, 1, True), (4096, 2, False), (8192, 4, False)], [(16384, 6, False), (32768, 12, False)]]
+        [(2048, 1, True)], [(4096, 2, False), (8192, 4, False)], [(16384, 6, False), (32768, 12, False)]]
+    assert calls[0][0][1].is_view
 
 
 @pytest.mark.parametrize("fold", [True, False])
@@ -281,3 +282,35 @@ def test_heads_major_inputs_and_output_gradient_match_reference(backend, plan_na
     dout = torch.randn(2, 4, 53, 8, dtype=torch.float64).transpose(1, 2)
     assert _max_err([out], [ref]) < TOL
     assert _max_err(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)) < TOL
+
+
+@pytest.mark.parametrize("plan_name", ["packed", "strided"])
+@pytest.mark.parametrize("b, n, adopted", [(2, 64, True), (1, 5, True), (2, 70, False)])
+def test_covering_branch_output_and_gradients_are_used_in_place(monkeypatch, plan_name, b, n, adopted):
+    """When the r = 1 branch is one plain view of the input (N a multiple of w, or N <= w), its
+    kernel output is the accumulator and its gradients are dq, dk, dv: nothing is written
+    ("first") into fresh buffers. Otherwise they are copied. The result is exact either way."""
+    from longnet_lightning.attention import dilated
+
+    import inspect
+
+    firsts = []
+
+    def recording(real):
+        sig = inspect.signature(real)
+
+        def op(*args, **kwargs):
+            firsts.append(sig.bind(*args, **kwargs).arguments["first"])
+            return real(*args, **kwargs)
+        return op
+
+    for name in ("merge_view_", "unpack_merge_", "accumulate_view_", "unpack_accumulate_"):
+        monkeypatch.setattr(dilated, name, recording(getattr(dilated, name)))
+    ws, rs = [8, 16, 32], [1, 2, 4]
+    q, k, v = _inputs(b, n, 4, 3, seed=n)
+    ref = dilated_attention_reference(q, k, v, DilationPattern(ws, rs))
+    out = dilated_attention(q, k, v, ws, rs, backend="torch", settings=plan(plan_name))
+    dout = torch.randn_like(ref)
+    assert _max_err([out], [ref]) < TOL
+    assert _max_err(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)) < TOL
+    assert firsts and (True in firsts) != adopted

@@ -5,6 +5,11 @@ and head offset, whose results are merged by their softmax denominators (paper E
 into an accumulator: ``out += (out_i - out) * exp(lse_i - lse')``, ``lse' = logaddexp(lse, lse_i)``
 (:mod:`.fused` moves the rows).
 
+A first ``r = 1`` branch that is one plain view of the input is read in place, and its kernel's
+output *is* the accumulator (its gradients are dq, dk, dv): nothing is copied into fresh buffers.
+In the strided plan the merges run on a second CUDA stream beside the next kernel call
+(:class:`.fused.Overlap`).
+
 The backward does not differentiate through the merge weights: the merged attention is one
 softmax over the multiset union of the branches' keys, so each branch's kernel backward, fed the
 *merged* output and log-sum-exp, returns that branch's exact share of the gradient (as ring
@@ -27,11 +32,11 @@ import math
 import torch
 from torch import nn
 
-from .fused import (accumulate_view_, merge_view_, pack, packed_view, unpack_accumulate_, unpack_merge_,
-                    use_triton)
+from .fused import (Overlap, accumulate_view_, merge_view_, pack, packed_view, unpack_accumulate_,
+                    unpack_merge_, use_triton)
 from .kernels import BACKENDS, attend, attend_backward, select_kernel
 from .pattern import DilationPattern, block_view, normalize_layout
-from .plan import SequenceLayout, ShardPlan, packed_plan, shard_plan, strided_plan, use_packed
+from .plan import SequenceLayout, ShardPlan, lead_block, packed_plan, shard_plan, strided_plan, use_packed
 from .reference import dilated_attention_reference
 from .settings import AttentionSettings
 
@@ -76,36 +81,81 @@ class _Run:
             lse.fill_(float("-inf"))
         return out, lse
 
+    def overlap(self, x: torch.Tensor) -> Overlap:
+        """Where the strided plan's merges run (``AttentionSettings.overlap``). The packed plan
+        merges in line: its few calls are short, and on an H200 a second stream gained nothing there."""
+        return Overlap(x.device, self.settings.overlap)
+
+    def adopt_output(self, q, o, lo):
+        """The first, covering call's kernel output ``o`` ``[Bt, L, H, Dv]`` as the accumulator
+        ``[B, N, H, Dv]`` itself (no copy), when its layout and dtype allow; ``lse`` from ``lo``."""
+        bsz, n, h, _ = q.shape
+        if o.dtype != self.out_dtype(q.dtype) or not o.is_contiguous() or o.shape[0] * o.shape[1] != bsz * n:
+            return None
+        lse = torch.empty((bsz, n, h), dtype=_accum_dtype(q.dtype), device=q.device)
+        lse.view(o.shape[:3]).copy_(lo.transpose(1, 2))
+        return o.view(bsz, n, h, o.shape[-1]), lse
+
     # strided plan ------------------------------------------------------------------------------
 
     def blocks_forward(self, q, k, v, out, lse, blocks, first_covers: bool):
-        for branch, blk in blocks:
-            o_i, lse_i = self.kernel.forward(block_view(q, blk), block_view(k, blk), block_view(v, blk),
-                                             self.causal, self.scale)
-            merge_view_(block_view(out, blk), block_view(lse, blk), o_i, lse_i,
-                        first=branch == 0 and first_covers, triton=self.triton)
+        with self.overlap(q) as side:
+            for branch, blk in blocks:
+                o_i, lse_i = self.kernel.forward(block_view(q, blk), block_view(k, blk), block_view(v, blk),
+                                                 self.causal, self.scale)
+                side(lambda: merge_view_(block_view(out, blk), block_view(lse, blk), o_i, lse_i,
+                                         first=branch == 0 and first_covers, triton=self.triton), o_i, lse_i)
 
     def blocks_backward(self, dout, q, k, v, out, lse, grads, blocks, first_covers: bool):
-        for branch, blk in blocks:
-            g = self.kernel.backward(
-                block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
-                block_view(out, blk), block_view(lse, blk).transpose(1, 2), self.causal, self.scale,
-            )
-            accumulate_view_([block_view(buf, blk) for buf in grads], g, first=branch == 0 and first_covers,
-                             triton=self.triton)
+        with self.overlap(q) as side:
+            for branch, blk in blocks:
+                g = self.kernel.backward(
+                    block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
+                    block_view(out, blk), block_view(lse, blk).transpose(1, 2), self.causal, self.scale,
+                )
+                side(lambda: accumulate_view_([block_view(buf, blk) for buf in grads], g,
+                                              first=branch == 0 and first_covers, triton=self.triton), *g)
 
     def strided_forward(self, q, k, v):
         """Merged output ``[B, N, H, Dv]`` (q's dtype) and log-sum-exp ``[B, N, H]`` (float32/64).
-        Rows that no branch selects keep output 0 and ``lse = -inf``."""
+        Rows that no branch selects keep output 0 and ``lse = -inf``. A first branch that is one
+        plain view runs as one call whose output becomes the accumulator."""
         blocks, first_covers = strided_plan(self.pattern, *q.shape[:3], self.settings.max_rows_per_call)
-        out, lse = self.accumulators(q, v.shape[-1], first_covers)
+        # unsplit only when its output can be the accumulator (the kernels return q's dtype)
+        lead = lead_block(self.pattern, *q.shape[:3]) if self.out_dtype(q.dtype) == q.dtype else None
+        acc = None
+        if lead is not None:
+            o, lo = self.kernel.forward(block_view(q, lead), block_view(k, lead), block_view(v, lead),
+                                        self.causal, self.scale)
+            acc = self.adopt_output(q, o, lo)
+        if acc is None:
+            out, lse = self.accumulators(q, v.shape[-1], first_covers)
+            if lead is not None:
+                merge_view_(block_view(out, lead), block_view(lse, lead), o, lo, first=True, triton=self.triton)
+        else:
+            out, lse = acc
+        if lead is not None:
+            blocks = [(i, blk) for i, blk in blocks if i != 0]
         self.blocks_forward(q, k, v, out, lse, blocks, first_covers)
         return out.to(q.dtype), lse
 
     def strided_backward(self, dout, q, k, v, out, lse):
-        """Gradients w.r.t. ``q, k, v``, accumulated in the inputs' dtype in the returned tensors."""
+        """Gradients w.r.t. ``q, k, v``, accumulated in the inputs' dtype in the returned tensors:
+        the first call's own when it is the whole covering branch (:func:`_adopt_grads`)."""
         blocks, first_covers = strided_plan(self.pattern, *q.shape[:3], self.settings.max_rows_per_call)
-        grads = _grad_buffers(q, k, v, zero=not first_covers)
+        lead = lead_block(self.pattern, *q.shape[:3])
+        if blocks and blocks[0][1] == lead:
+            blk = lead
+            g = self.kernel.backward(block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
+                                     block_view(out, blk), block_view(lse, blk).transpose(1, 2), self.causal,
+                                     self.scale)
+            grads = _adopt_grads(g, (q, k, v))
+            if grads is None:
+                grads = _grad_buffers(q, k, v, zero=False)
+                accumulate_view_([block_view(buf, blk) for buf in grads], g, first=True, triton=self.triton)
+            blocks = blocks[1:]
+        else:
+            grads = _grad_buffers(q, k, v, zero=not first_covers)
         self.blocks_backward(dout, q, k, v, out, lse, grads, blocks, first_covers)
         return grads
 
@@ -132,9 +182,18 @@ class _Run:
         return ys, ly
 
     def packed_forward(self, q, k, v):
-        """Causal dilated attention, packed plan: same results as :meth:`strided_forward`."""
-        out, lse = self.accumulators(q, v.shape[-1], 1 in self.pattern.dilation_rates)
-        for call in self._calls(q):
+        """Causal dilated attention, packed plan: same results as :meth:`strided_forward`. A
+        first call that is the whole covering branch, in place, gives the accumulator."""
+        calls = self._calls(q)
+        lead = calls[0] if _whole_view(calls[0]) else None
+        if lead is not None:
+            calls = calls[1:]
+            o, lo = self.kernel.forward(*self._gather(lead, (q, k, v))[0], True, self.scale)
+        acc = None if lead is None else self.adopt_output(q, o, lo)
+        out, lse = acc if acc is not None else self.accumulators(q, v.shape[-1], 1 in self.pattern.dilation_rates)
+        if lead is not None and acc is None:
+            unpack_merge_(out, lse, o, lo, lead[0][1], True, triton=self.triton)
+        for call in calls:
             (qp, kp, vp), _ = self._gather(call, (q, k, v))
             o, lo = self.kernel.forward(qp, kp, vp, True, self.scale)
             for first, c, sl in _slices(call):
@@ -144,12 +203,21 @@ class _Run:
     def packed_backward(self, dout, q, k, v, out, lse):
         """Gradients for :meth:`packed_forward`; padding slots get ``dout = 0`` and ``lse = +inf``,
         so they receive and send exactly zero gradient. Accumulated in the inputs' dtype."""
-        dq, dk, dv = _grad_buffers(q, k, v, zero=1 not in self.pattern.dilation_rates)
-        for call in self._calls(q):
+        calls = self._calls(q)
+        lead = calls[0] if _whole_view(calls[0]) else None
+        if lead is not None:
+            calls = calls[1:]
+            (qp, kp, vp, op, dop), lp = self._gather(lead, (q, k, v, out, dout), lse)
+            g = self.kernel.backward(dop, qp, kp, vp, op, lp, True, self.scale)
+        grads = None if lead is None else _adopt_grads(g, (q, k, v))
+        dq, dk, dv = grads if grads is not None else _grad_buffers(q, k, v, zero=1 not in self.pattern.dilation_rates)
+        if lead is not None and grads is None:
+            unpack_accumulate_((dq, dk, dv), g, lead[0][1], True, triton=self.triton)
+        for call in calls:
             (qp, kp, vp, op, dop), lp = self._gather(call, (q, k, v, out, dout), lse)
-            grads = self.kernel.backward(dop, qp, kp, vp, op, lp, True, self.scale)
+            g = self.kernel.backward(dop, qp, kp, vp, op, lp, True, self.scale)
             for first, c, sl in _slices(call):
-                unpack_accumulate_((dq, dk, dv), [g[sl] for g in grads], c, first, triton=self.triton)
+                unpack_accumulate_((dq, dk, dv), [t[sl] for t in g], c, first, triton=self.triton)
         return dq, dk, dv
 
     # sharded plan (sequence parallel) ----------------------------------------------------------
@@ -205,6 +273,20 @@ def _grad_buffers(q, k, v, zero: bool):
     movement views them flat); zero-filled unless a covering branch writes every row."""
     alloc = torch.zeros_like if zero else torch.empty_like
     return tuple(alloc(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _whole_view(call) -> bool:
+    """A packed call that is the whole covering first branch, read in place."""
+    first, c = call[0]
+    return len(call) == 1 and first and c.is_view and c.s0 == 0 and c.s1 == c.bsz * c.nseg
+
+
+def _adopt_grads(grads, like):
+    """Kernel gradients of a call that covers every row once, as ``dq, dk, dv`` ``[B, N, H, *]``
+    themselves (no copy), when each is contiguous in its input's dtype; else None."""
+    if all(g.dtype == t.dtype and g.is_contiguous() and g.numel() == t.numel() for g, t in zip(grads, like)):
+        return tuple(g.view(t.shape) for g, t in zip(grads, like))
+    return None
 
 
 def _slices(call):

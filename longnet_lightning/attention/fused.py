@@ -12,12 +12,16 @@ and a plain PyTorch one (any device; the specification the Triton kernels are te
   gathers (padding: 0, and ``+inf`` for the log-sum-exp so padded queries send no gradient),
   :func:`unpack_merge_` and :func:`unpack_accumulate_` scatter back.
 
+:class:`Overlap` runs the strided plan's merges and gradient sums on a second CUDA stream, beside
+the next call's (compute-bound) kernel.
+
 Merging is online by softmax denominators (paper Eq. 10): ``lse' = logaddexp(lse, lse_i)``,
 ``out' = out + (out_i - out) * exp(lse_i - lse')``; the first call of a covering branch writes.
 Gradients are accumulated in the gradient's dtype with float32 arithmetic.
 """
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 
@@ -153,13 +157,13 @@ if triton is not None:
         tl.store(LSE + l_off, la, mask=ok)
 
     @triton.jit
-    def _move(src, dst, s_off, d_off, m_in, d, m_out):
-        x = tl.load(src + s_off[:, None] + d[None, :], mask=m_in, other=0.0)
+    def _move(src, dst, sb, sn, sh, b, pos, h, d_off, m_in, d, m_out):
+        x = tl.load(src + (b * sb + pos * sn + h * sh)[:, None] + d[None, :], mask=m_in, other=0.0)
         tl.store(dst + d_off[:, None] + d[None, :], x, mask=m_out)
 
     @triton.jit
-    def _pack_kernel(X0, X1, X2, X3, X4, Y0, Y1, Y2, Y3, Y4, LSE, LY, sxb, sxn, sxh, slb, sln, slh,
-                     n_rows, s0, nseg, L, H, W, R, N,
+    def _pack_kernel(X0, X1, X2, X3, X4, Y0, Y1, Y2, Y3, Y4, LSE, LY, s0b, s0n, s0h, s1b, s1n, s1h, s2b, s2n, s2h,
+                     s3b, s3n, s3h, s4b, s4n, s4h, slb, sln, slh, n_rows, s0, nseg, L, H, W, R, N,
                      NT: tl.constexpr, HAS_LSE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                      BLOCK: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -167,20 +171,19 @@ if triton is not None:
         b, pos, h, real = _slot(rows, s0, nseg, L, H, W, R, N)
         d = tl.arange(0, BD)
         dm = d < D
-        src = b * sxb + pos * sxn + h * sxh
         m_in = (live & real)[:, None] & dm[None, :]
         m_out = live[:, None] & dm[None, :]
         dst = rows * D
         if NT > 0:
-            _move(X0, Y0, src, dst, m_in, d, m_out)
+            _move(X0, Y0, s0b, s0n, s0h, b, pos, h, dst, m_in, d, m_out)
         if NT > 1:
-            _move(X1, Y1, src, dst, m_in, d, m_out)
+            _move(X1, Y1, s1b, s1n, s1h, b, pos, h, dst, m_in, d, m_out)
         if NT > 2:
-            _move(X2, Y2, src, dst, m_in, d, m_out)
+            _move(X2, Y2, s2b, s2n, s2h, b, pos, h, dst, m_in, d, m_out)
         if NT > 3:
-            _move(X3, Y3, src, dst, m_in, d, m_out)
+            _move(X3, Y3, s3b, s3n, s3h, b, pos, h, dst, m_in, d, m_out)
         if NT > 4:
-            _move(X4, Y4, src, dst, m_in, d, m_out)
+            _move(X4, Y4, s4b, s4n, s4h, b, pos, h, dst, m_in, d, m_out)
         if HAS_LSE:
             lv = tl.load(LSE + b * slb + pos * sln + h * slh, mask=live & real, other=float("inf"))
             lv = tl.where(real, lv, float("inf"))
@@ -305,8 +308,63 @@ def _geometry(c: Chunk):
     return (c.rows, c.s0, c.nseg, c.length, c.heads, c.w, c.r, c.n)
 
 
+def _same_rows(ts) -> bool:
+    """Same shape and dtype (strides may differ: each tensor's are passed)."""
+    return all(t.shape == ts[0].shape and t.dtype == ts[0].dtype for t in ts)
+
+
 def _same_layout(ts) -> bool:
     return all(t.shape == ts[0].shape and t.stride() == ts[0].stride() and t.dtype == ts[0].dtype for t in ts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Overlap: data movement on a second stream, beside the next kernel call
+# ----------------------------------------------------------------------------------------------
+
+class Overlap:
+    """Runs the data movement of each kernel call (merges, gradient sums) on a second CUDA stream
+    while the main stream goes on to the next call's kernel.
+
+    ``with Overlap(device, on) as side: ... side(fn, *tensors)`` runs ``fn`` after everything the
+    main stream has queued so far; ``tensors`` (kernel outputs that ``fn`` reads) are kept alive
+    until the main stream has waited for it, so their memory is never reused under it. The main
+    stream waits for call ``i - depth`` before it queues more work, which bounds the kernel
+    outputs waiting to be merged to ``depth`` calls; leaving the block joins the two streams.
+    The side stream has the higher priority, so its short kernels start as soon as SMs free up.
+    Off (or not on CUDA), ``fn`` simply runs in place: the same operations in the same order.
+    """
+
+    _streams: dict = {}
+
+    def __init__(self, device: torch.device, on: bool = True, depth: int = 2):
+        self.on = on and device.type == "cuda"
+        if self.on:
+            self.main = torch.cuda.current_stream(device)
+            key = (device, self.main.stream_id)
+            if key not in self._streams:
+                self._streams[key] = torch.cuda.Stream(device, priority=-1)
+            self.side, self.depth, self.waiting = self._streams[key], depth, collections.deque()
+
+    def __enter__(self) -> "Overlap":
+        return self
+
+    def __call__(self, fn, *tensors) -> None:
+        if not self.on:
+            fn()
+            return
+        while len(self.waiting) >= self.depth:
+            self.main.wait_event(self.waiting.popleft()[0])
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            fn()
+            done = torch.cuda.Event()
+            done.record(self.side)
+        self.waiting.append((done, tensors))
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            self.main.wait_stream(self.side)
+            self.waiting.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,8 +385,8 @@ def pack(xs, c: Chunk, lse: torch.Tensor | None = None, out=None, *, triton: boo
         out = ([torch.empty(c.segments, c.length, c.heads, x.shape[-1], dtype=x.dtype, device=x.device) for x in xs],
                None if lse is None else torch.empty(c.segments, c.heads, c.length, dtype=f32, device=lse.device))
     ys, ly = list(out[0]), out[1]
-    if _tri(triton) and not (xs and xs[0].stride(-1) != 1):
-        if len(xs) > 5 or not _same_layout(xs):  # e.g. v with its own head dim: one launch per tensor
+    if _tri(triton) and all(x.stride(-1) == 1 for x in xs):
+        if len(xs) > 5 or not _same_rows(xs):  # e.g. v with its own head dim: one launch per tensor
             for x, y in zip(xs, ys):
                 pack([x], c, out=([y], None), triton=triton)
             if lse is not None:
@@ -336,7 +394,7 @@ def pack(xs, c: Chunk, lse: torch.Tensor | None = None, out=None, *, triton: boo
             return ys, ly
         xp = xs + [ref] * (5 - len(xs))
         yp = ys + [ly if ly is not None else ref] * (5 - len(ys))
-        sx = xs[0].stride()[:3] if xs else (0, 0, 0)
+        sx = [st for x in xs for st in x.stride()[:3]] + [0] * 3 * (5 - len(xs))
         sl = lse.stride() if lse is not None else (0, 0, 0)
         if _launch(_pack_kernel, c.rows, xs[0].shape[-1] if xs else 1, *xp, *yp, lse if lse is not None else ref,
                    ly if ly is not None else ref, *sx, *sl, *_geometry(c), NT=len(xs), HAS_LSE=lse is not None):
@@ -410,5 +468,5 @@ def accumulate_view_(dsts, grads, first: bool, *, triton: bool = False):
         dst.copy_(g if first else _add_math(dst, g))
 
 
-__all__ = ["packed_view", "pack", "unpack_merge_", "unpack_accumulate_", "merge_view_",
+__all__ = ["Overlap", "packed_view", "pack", "unpack_merge_", "unpack_accumulate_", "merge_view_",
            "accumulate_view_", "use_triton"]

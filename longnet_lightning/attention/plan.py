@@ -100,6 +100,20 @@ def split_block(blk: Block, max_rows: int) -> list[Block]:
 
 
 @functools.lru_cache(maxsize=64)
+def lead_block(pattern: DilationPattern, bsz: int, n: int, h: int) -> Block | None:
+    """The first branch as one unsplit call, when it covers every row in a single plain view
+    (``r = 1`` and ``N`` a multiple of ``w``, or ``N <= w``): its kernel output, laid out like
+    ``[B, N, H, D]``, can then *be* the accumulator, with nothing copied."""
+    w, r = branch_order(pattern)[0]
+    if r != 1:
+        return None
+    blocks = plan_branch(n, h, w, r, bsz)
+    if len(blocks) != 1 or blocks[0].batch is not None or blocks[0].bt * blocks[0].length != bsz * n:
+        return None
+    return blocks[0]
+
+
+@functools.lru_cache(maxsize=64)
 def strided_plan(pattern: DilationPattern, bsz: int, n: int, h: int, max_rows: int = MAX_ROWS_PER_CALL):
     """``((branch index, Block), ...)`` in merge order, and whether the first branch covers every
     row (``r = 1``: its blocks are written, not merged)."""
@@ -196,9 +210,10 @@ def packed_plan(pattern: DilationPattern, bsz: int, n: int, h: int, fold: bool =
     """Kernel calls of the packed plan, in merge order: each a tuple of ``(first, chunk)``.
 
     ``first`` marks chunks of the first branch when it covers every row (``r = 1``): they are
-    written, not merged, so they lead the first call. With ``fold``, chunks that are whole
+    written, not merged, so they come first. A chunk that is a plain view (``r = 1``, whole
+    segments) is a call of its own, read in place. With ``fold``, other chunks that are whole
     branches join an earlier call of the same packed length (their segments stacked along the
-    batch: the paper pattern at 32K takes 2 calls instead of 5).
+    batch: the paper pattern at 32K takes 3 calls instead of 5).
     """
     covered = 1 in pattern.dilation_rates
     calls, by_length = [], {}
@@ -206,6 +221,9 @@ def packed_plan(pattern: DilationPattern, bsz: int, n: int, h: int, fold: bool =
         for c in chunks(bsz, n, h, w, r, max_rows):
             item = (i == 0 and covered, c)
             whole = c.s0 == 0 and c.s1 == bsz * c.nseg
+            if c.is_view:  # its own call: nothing to gather (a folded call would copy it)
+                calls.append([item])
+                continue
             if fold and whole and c.length in by_length:
                 by_length[c.length].append(item)
                 continue

@@ -37,6 +37,9 @@ class AttentionSettings:
             built for another torch (at your own risk).
         max_rows_per_call: rows x heads per kernel call; bounds the transient per-call outputs
             (64 MiB per bf16 tensor at head dim 64) whatever N is.
+        overlap: strided plan on CUDA: merge each kernel call's results (and sum its gradients)
+            on a second stream while the next call's kernel runs (the kernels are compute-bound,
+            the merges memory-bound). Same operations in the same order either way.
     """
 
     packed_max_tokens: int = 2**17
@@ -47,6 +50,7 @@ class AttentionSettings:
     torch_chunk_elems: int = 64 * 2**20
     xformers_force: bool = False
     max_rows_per_call: int = 2**19
+    overlap: bool = True
 
     def __post_init__(self):
         choices = {"forward_acc": ("input", "float32"), "triton": ("auto", "off", "interpret"),
@@ -60,7 +64,7 @@ class AttentionSettings:
                 raise ValueError(f"attention setting {name}={v!r}: use a non-negative integer"
                                  if name == "packed_max_tokens" else
                                  f"attention setting {name}={v!r}: use a positive integer")
-        for name in ("packed_fold", "xformers_force"):
+        for name in ("packed_fold", "xformers_force", "overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"attention setting {name}={getattr(self, name)!r}: use true or false")
 
