@@ -9,7 +9,8 @@ It checks, in bf16 and fp32 (relative L2 error of outputs and gradients against 
   memory-efficient, plain torch, and xformers where it runs;
 - ``dilated_attention`` on awkward shapes, packed and strided plans, Triton and PyTorch data
   movement;
-- merges on a second CUDA stream (``overlap``) against the same merges in line: bit for bit;
+- the strided plan's merges on a second CUDA stream (``overlap``) against the same merges in line,
+  within the kernels' run-to-run noise;
 - ``dilated_attention`` compiled (``torch.compile(fullgraph=True)``: the registered operator);
 - the fused LM head + cross-entropy (Triton row passes) against float64;
 - sequence-parallel attention and a whole-model training step on two processes sharing the GPU

@@ -98,21 +98,26 @@ class _Run:
 
     # strided plan ------------------------------------------------------------------------------
 
+    def block_forward(self, q, k, v, blk):
+        """The kernel on one block's rows: ``(out [Bt, L, G, Dv], lse [Bt, G, L])``."""
+        return self.kernel.forward(block_view(q, blk), block_view(k, blk), block_view(v, blk), self.causal, self.scale)
+
+    def block_backward(self, dout, q, k, v, out, lse, blk):
+        """The kernel backward on one block's rows, given the merged ``out`` and ``lse``."""
+        return self.kernel.backward(block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
+                                    block_view(out, blk), block_view(lse, blk).transpose(1, 2), self.causal, self.scale)
+
     def blocks_forward(self, q, k, v, out, lse, blocks, first_covers: bool):
         with self.overlap(q) as side:
             for branch, blk in blocks:
-                o_i, lse_i = self.kernel.forward(block_view(q, blk), block_view(k, blk), block_view(v, blk),
-                                                 self.causal, self.scale)
+                o_i, lse_i = self.block_forward(q, k, v, blk)
                 side(lambda: merge_view_(block_view(out, blk), block_view(lse, blk), o_i, lse_i,
                                          first=branch == 0 and first_covers, triton=self.triton), o_i, lse_i)
 
     def blocks_backward(self, dout, q, k, v, out, lse, grads, blocks, first_covers: bool):
         with self.overlap(q) as side:
             for branch, blk in blocks:
-                g = self.kernel.backward(
-                    block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
-                    block_view(out, blk), block_view(lse, blk).transpose(1, 2), self.causal, self.scale,
-                )
+                g = self.block_backward(dout, q, k, v, out, lse, blk)
                 side(lambda: accumulate_view_([block_view(buf, blk) for buf in grads], g,
                                               first=branch == 0 and first_covers, triton=self.triton), *g)
 
@@ -125,8 +130,7 @@ class _Run:
         lead = lead_block(self.pattern, *q.shape[:3]) if self.out_dtype(q.dtype) == q.dtype else None
         acc = None
         if lead is not None:
-            o, lo = self.kernel.forward(block_view(q, lead), block_view(k, lead), block_view(v, lead),
-                                        self.causal, self.scale)
+            o, lo = self.block_forward(q, k, v, lead)
             acc = self.adopt_output(q, o, lo)
         if acc is None:
             out, lse = self.accumulators(q, v.shape[-1], first_covers)
@@ -145,14 +149,11 @@ class _Run:
         blocks, first_covers = strided_plan(self.pattern, *q.shape[:3], self.settings.max_rows_per_call)
         lead = lead_block(self.pattern, *q.shape[:3])
         if blocks and blocks[0][1] == lead:
-            blk = lead
-            g = self.kernel.backward(block_view(dout, blk), block_view(q, blk), block_view(k, blk), block_view(v, blk),
-                                     block_view(out, blk), block_view(lse, blk).transpose(1, 2), self.causal,
-                                     self.scale)
+            g = self.block_backward(dout, q, k, v, out, lse, lead)
             grads = _adopt_grads(g, (q, k, v))
             if grads is None:
                 grads = _grad_buffers(q, k, v, zero=False)
-                accumulate_view_([block_view(buf, blk) for buf in grads], g, first=True, triton=self.triton)
+                accumulate_view_([block_view(buf, lead) for buf in grads], g, first=True, triton=self.triton)
             blocks = blocks[1:]
         else:
             grads = _grad_buffers(q, k, v, zero=not first_covers)
