@@ -13,6 +13,7 @@ It checks, in bf16 and fp32 (relative L2 error of outputs and gradients against 
   within the kernels' run-to-run noise;
 - ``dilated_attention`` compiled (``torch.compile(fullgraph=True)``: the registered operator);
 - the fused LM head + cross-entropy (Triton row passes) against float64;
+- the fused GELU + sub-LayerNorm (Triton forward and backward) against float64;
 - sequence-parallel attention and a whole-model training step on two processes sharing the GPU
   (``gloo`` on CUDA tensors), against one process on the whole sequence.
 """
@@ -177,6 +178,29 @@ def check_loss(rows):
         rows.append(("fused LM head + cross-entropy", str(dtype)[6:], "3 shapes", f"{worst:.2e}", worst < BOUND[dtype]))
 
 
+def check_gelu_norm(rows):
+    """The fused GELU + sub-LN (Triton forward and backward) against float64 on the same inputs."""
+    import torch.nn.functional as F
+
+    from longnet_lightning.gelu_norm import gelu_layer_norm
+
+    for dtype in (torch.bfloat16, torch.float32):
+        worst = 0.0
+        for m, f in [(32768, 3072), (1000, 3072), (777, 1000), (3, 5), (4096, 4096)]:
+            h = (_rand((m, f), torch.float64, m + f) * 2).to(dtype)
+            w, b = 1 + 0.3 * _rand((f,), torch.float64, f), 0.3 * _rand((f,), torch.float64, f + 1)
+            dy = _rand((m, f), torch.float64, m).to(dtype)
+            ref_in = [t.double().requires_grad_() for t in (h, w, b)]
+            ref = F.layer_norm(F.gelu(ref_in[0]), (f,), ref_in[1], ref_in[2], 1e-5)
+            gref = torch.autograd.grad(ref, ref_in, dy.double())
+            ins = [h.requires_grad_(), w.float().requires_grad_(), b.float().requires_grad_()]
+            y = gelu_layer_norm(*ins)
+            grads = torch.autograd.grad(y, ins, dy)
+            worst = max(worst, rel(y, ref), *(rel(a, c) for a, c in zip(grads, gref)))
+        ok = worst < BOUND[dtype] and FALLBACKS.triton is None
+        rows.append(("fused GELU + sub-LN (fwd, dh, dw, db)", str(dtype)[6:], "5 shapes", f"{worst:.2e}", ok))
+
+
 def _on_ranks(fn, world: int, *args):
     """``[fn(rank, world, *args) for every rank]``, each rank its own process on this GPU, joined
     by gloo (which runs its collectives on CUDA tensors); a string (the first error) if one fails."""
@@ -333,7 +357,7 @@ def check_model_step(rows, world=2, n=49152):
 
 def main(argv=None) -> int:
     checks = {f.__name__: f for f in (check_rectangular, check_single, check_overlap, check_compiled, check_loss,
-                                      check_sequence_parallel, check_model_step, time_paper_pattern)}
+                                      check_gelu_norm, check_sequence_parallel, check_model_step, time_paper_pattern)}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(checks), help="run only these checks (default: all)")
     args = p.parse_args(argv)

@@ -48,15 +48,22 @@ def _config(model_name, attention, context, vocab, ckpt, **kw):
 
 
 def run(model_name, attention, context, tokens, vocab, steps, ckpt, mode, settings=None):
+    cfg = _config(model_name, attention, context, vocab, ckpt, attention_settings=settings or {})
+    row = dict(model=model_name, attention=attention, context=context, batch=max(1, tokens // context), ckpt=ckpt,
+               mode=mode, settings=settings or {})
+    return {**row, **run_config(cfg, context, tokens, steps, mode)}
+
+
+def run_config(cfg: LongNetConfig, context, tokens, steps, mode) -> dict:
+    """Step time, tokens/s, MFU and peak memory of ``cfg``'s model at ``context`` tokens (or ``error``)."""
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cfg = _config(model_name, attention, context, vocab, ckpt, attention_settings=settings or {})
     model = LongNet(cfg).cuda()
     loss_fn = _loss_fn(model, mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)
     bsz = max(1, tokens // context)
-    idx = torch.randint(0, vocab, (bsz, context), device="cuda")
+    idx = torch.randint(0, cfg.vocab_size, (bsz, context), device="cuda")
     last = {}
     breaks = _graph_breaks()
 
@@ -71,8 +78,7 @@ def run(model_name, attention, context, tokens, vocab, steps, ckpt, mode, settin
         opt.zero_grad(set_to_none=True)
         last["loss"] = loss.detach().clone()
 
-    row = dict(model=model_name, attention=attention, context=context, batch=bsz, ckpt=ckpt, mode=mode,
-               settings=settings or {})
+    row = {}
     try:
         row["first_step_s"] = wall_s(step)  # compiles
         t = bench_ms(step, reps=steps, warmup=1) / 1e3  # CUDA-event median

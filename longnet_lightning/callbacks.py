@@ -1,5 +1,6 @@
-"""The callbacks the CLI adds: :class:`PredictionWriter` (completions out), :class:`LRMonitor`
-and :class:`ResumeAwareProgressBar`; and :class:`TimeBudget`, to train for a wall-clock budget."""
+"""The callbacks the CLI adds: :class:`PredictionWriter` (completions out), :class:`LRMonitor`,
+and the progress bars :class:`ResumeAwareProgressBar` and :class:`RichBar`; and :class:`TimeBudget`,
+to train for a wall-clock budget."""
 from __future__ import annotations
 
 import json
@@ -8,17 +9,76 @@ import sys
 import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, LearningRateMonitor, TQDMProgressBar
+import torch
+from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, LearningRateMonitor, RichProgressBar,
+                                         TQDMProgressBar)
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 
-class ResumeAwareProgressBar(TQDMProgressBar):
-    """Lightning's TQDM bar, which also knows its total and epoch after a mid-epoch resume.
+class _ShownWithoutWaiting:
+    """Progress-bar mixin: shows logged training metrics without making the host wait for the GPU.
+
+    Lightning turns ``prog_bar=True`` values into numbers with ``.item()`` several times per batch,
+    and each one waits until the GPU has run everything queued so far, so the host cannot queue
+    the next step while the GPU works. A bar with this mixin instead shows the ``shown`` metrics
+    (logged without ``prog_bar``, e.g. ``train/loss``) from copies to pinned host memory that do
+    not wait: the newest value whose copy has arrived, typically that of the batch before; at the
+    end of an epoch, its last value.
+    """
+
+    shown: tuple[str, ...] = ("train/loss",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._arrived: dict[str, float] = {}
+        self._in_flight: list[tuple] = []  # (name, pinned copy, CUDA event, the logged tensor)
+
+    def _poll(self, trainer) -> dict[str, float]:
+        """Start copies of the shown metrics logged this batch; the newest that have arrived."""
+        arrived, flight = self._arrived, self._in_flight
+        metrics = trainer.callback_metrics  # tensors as logged: only prog_bar values are read with .item()
+        for name in self.shown:
+            value = metrics.get(name)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                continue
+            if value.device.type != "cuda":
+                arrived[name] = float(value)
+            elif not any(v is value for *_, v in flight) and len(flight) < 8:
+                copy = torch.empty((), dtype=value.dtype, pin_memory=True)
+                copy.copy_(value.detach(), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                flight.append((name, copy, event, value))
+        waiting = []
+        for name, copy, event, value in flight:
+            if event.query():
+                arrived[name] = float(copy)
+            else:
+                waiting.append((name, copy, event, value))
+        flight[:] = waiting
+        return dict(arrived)
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        if trainer.training:
+            items.update(self._poll(trainer))
+        return items
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        for *_, event, _ in self._in_flight:  # the epoch's last values: one wait per epoch
+            event.synchronize()
+        super().on_train_epoch_end(trainer, pl_module)
+
+
+class ResumeAwareProgressBar(_ShownWithoutWaiting, TQDMProgressBar):
+    """Lightning's TQDM bar, which also knows its total and epoch after a mid-epoch resume, and
+    shows ``train/loss`` without making the host wait for the GPU (:class:`_ShownWithoutWaiting`).
 
     Lightning does not call ``on_train_epoch_start`` when it resumes inside an epoch, so the
     plain bar shows ``Training: 520/?``; this one sets the epoch's total and description at the
-    first batch it sees without them."""
+    first batch it sees without them.
+    """
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
@@ -29,6 +89,11 @@ class ResumeAwareProgressBar(TQDMProgressBar):
                 bar.total = min(batch_idx + remaining, trainer.num_training_batches)
                 bar.initial = bar.n = batch_idx
                 bar.set_description(f"Epoch {trainer.current_epoch}")
+
+
+class RichBar(_ShownWithoutWaiting, RichProgressBar):
+    """Lightning's Rich bar (its default when ``rich`` is installed), showing ``train/loss``
+    without making the host wait for the GPU (:class:`_ShownWithoutWaiting`)."""
 
 
 class LRMonitor(LearningRateMonitor):

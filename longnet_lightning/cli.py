@@ -42,13 +42,13 @@ from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import checkpoint as ckpt_format
-from .callbacks import LRMonitor, PredictionWriter, ResumeAwareProgressBar
+from .callbacks import LRMonitor, PredictionWriter, ResumeAwareProgressBar, RichBar
 from .lm import LongNetLM
 
 PARSER_MODE = "omegaconf+"  # interpolation after merging config files and command line
@@ -392,9 +392,12 @@ class LongNetCLI(LightningCLI):
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = default_loggers(root)
         trainer = super().instantiate_trainer(**kwargs)
-        for i, cb in enumerate(trainer.callbacks):  # Lightning's default bar -> one that knows its total on resume
+        for i, cb in enumerate(trainer.callbacks):  # Lightning's default bars -> ours (callbacks.py)
             if type(cb) is TQDMProgressBar:
                 trainer.callbacks[i] = ResumeAwareProgressBar(refresh_rate=cb.refresh_rate, leave=cb._leave)
+            elif type(cb) is RichProgressBar:
+                trainer.callbacks[i] = RichBar(refresh_rate=cb.refresh_rate, leave=cb._leave, theme=cb.theme,
+                                               console_kwargs=cb._console_kwargs)
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:

@@ -156,7 +156,10 @@ class LongNetLM(L.LightningModule):
         self.model_config(vocab_size=vocab_size or 2)  # check the settings now; the model is built later
         self.model: LongNet | None = None  # built by configure_model, the one hook that builds it
         self.tokenizer_spec: dict | None = None  # the data's tokenizer; restored from checkpoints
-        self.tokens_seen = 0
+        self._tokens = 0  # input tokens trained on (see tokens_seen)
+        self._tokens_pending: torch.Tensor | None = None  # the part counted on the device, not yet read
+        self._tokens_logged: torch.Tensor | None = None  # the running total on the device, for logging
+        self._scalars: dict[str, torch.Tensor] = {}  # other logged numbers, on the device (_logged_scalar)
         self._tokenizer = None
         self._loss_fn = None
         self._bpb_note_shown = False
@@ -193,6 +196,43 @@ class LongNetLM(L.LightningModule):
             self.model = LongNet(self.model_config())
         if self.hparams.compile and self._loss_fn is None:
             self._loss_fn = torch.compile(self.model.loss)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Input tokens trained on, over all ranks (each token once); kept in checkpoints.
+
+        With several processes the per-step counts stay on the device, so that no training step
+        waits for the GPU; reading this property fetches them (one sync)."""
+        if self._tokens_pending is not None:
+            self._tokens += int(self._tokens_pending.item())
+            self._tokens_pending = None
+        return self._tokens
+
+    @tokens_seen.setter
+    def tokens_seen(self, value: int) -> None:
+        self._tokens, self._tokens_pending, self._tokens_logged = int(value), None, None
+
+    def _logged_scalar(self, name: str, value: float) -> torch.Tensor:
+        """``value`` in a float64 scalar kept on this module's device and filled in place (a fill
+        is a kernel with the number as its argument, not a copy the host waits for)."""
+        slot = self._scalars.get(name)
+        if slot is None or slot.device != self.device:
+            slot = self._scalars[name] = torch.zeros((), dtype=torch.float64, device=self.device)
+        return slot.fill_(value)
+
+    def _count_tokens(self, tokens: int | torch.Tensor) -> torch.Tensor:
+        """Add one step's global token count (:func:`.distributed.strategy.global_mean`); the
+        running total as a float64 scalar on this module's device, for logging. It is kept there
+        and added to in place: a tensor made from a host number each step would be a copy to the
+        GPU, which waits for it."""
+        if self._tokens_logged is None or self._tokens_logged.device != self.device:
+            start = torch.zeros((), dtype=torch.float64, device=self.device).add_(self._tokens)
+            self._tokens_logged = start if self._tokens_pending is None else start.add_(self._tokens_pending)
+        if isinstance(tokens, torch.Tensor):
+            self._tokens_pending = tokens if self._tokens_pending is None else self._tokens_pending + tokens
+        else:
+            self._tokens += int(tokens)
+        return self._tokens_logged.add_(tokens)
 
     @property
     def config(self) -> LongNetConfig:
@@ -333,11 +373,14 @@ class LongNetLM(L.LightningModule):
         nll = self.token_nll(batch, group)
         scored = (batch["labels"] != IGNORE_INDEX).sum()
         loss, mean, tokens = global_mean(nll.sum(), scored, batch["input_ids"].numel())
-        self.tokens_seen += tokens
-        self.log("train/loss", mean, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        self.log("train/tokens", torch.tensor(float(self.tokens_seen), dtype=torch.float64),
+        # No prog_bar=True and no host values: Lightning reads progress-bar values with .item()
+        # several times per batch, and turns a logged number into a new tensor copied to the GPU;
+        # either makes the host wait for the GPU, so it could not queue the next step meanwhile.
+        # The CLI's progress bars show train/loss from a copy that does not wait (callbacks.py).
+        self.log("train/loss", mean, on_step=True, on_epoch=False)
+        self.log("train/lr", self._logged_scalar("lr", self.trainer.optimizers[0].param_groups[0]["lr"]),
                  on_step=True, on_epoch=False)
+        self.log("train/tokens", self._count_tokens(tokens), on_step=True, on_epoch=False)
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention.kernels import BACKENDS
 from .attention.multihead import LayerNorm, MultiheadDilatedAttention
 from .attention.settings import AttentionSettings
+from .gelu_norm import gelu_layer_norm
 from .loss import IGNORE_INDEX, linear_cross_entropy  # IGNORE_INDEX: a label that is not scored, everywhere
 
 
@@ -144,9 +145,12 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):  # [B, N, E] -> [B, N, E]
-        h = F.gelu(self.fc1(x))  # [B, N, F]
-        if self.inner_norm is not None:
-            h = self.inner_norm(h)
+        h = self.fc1(x)  # [B, N, F]
+        n = self.inner_norm
+        if n is None:
+            h = F.gelu(h)
+        else:  # GELU and sub-LN in one pass each way (gelu_norm.py); same parameters as the module
+            h = gelu_layer_norm(h, n.weight, n.bias, n.eps)
         return self.dropout(self.fc2(h))
 
 

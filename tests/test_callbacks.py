@@ -89,3 +89,56 @@ def test_time_budget_never_exceeds_max_steps_and_checks_its_settings(tmp_path, c
         TimeBudget(minutes=1, measure_steps=1)
     with pytest.raises(RuntimeError, match="after the warm-up"):
         fit(TimeBudget(minutes=1, skip_steps=5, measure_steps=5), 100, tmp_path, warmup=3)
+
+
+# ----------------------------------------------------------------------------- the progress bar
+
+
+def test_training_batches_never_read_tensors_on_the_host(tmp_path, monkeypatch):
+    """Between logging steps a training batch reads no tensor value on the host (on a GPU each
+    read waits until every queued kernel has run), and the CLI's bar still shows train/loss.
+    Allowed: AdamW's step counters (CPU tensors on a GPU too), the eager model's token-id range
+    check (left out when compiled) and the bar's own read (on a GPU, of its pinned copy once that
+    has arrived)."""
+    import traceback
+
+    from longnet_lightning.callbacks import ResumeAwareProgressBar
+
+    reads, counting = [], [False]
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **k):
+            if counting[0]:
+                stack = traceback.extract_stack()[:-1]
+                allowed = any("/torch/optim/" in f.filename or f.name in ("hidden_states", "_poll") for f in stack)
+                if not allowed:
+                    reads.append((_name, [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in stack[-4:]]))
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    class Count(L.Callback):  # batches 4..6 of 8: log_every_n_steps=4 logs after batches 3 and 7
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            counting[0] = 4 <= batch_idx <= 6
+
+    bar = ResumeAwareProgressBar()
+    shown = []
+
+    class Shown(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            counting[0] = False
+            shown.append(bar.get_metrics(trainer, pl_module).get("train/loss"))
+
+    lm = LongNetLM(model="tiny", vocab_size=257, seq_len=16, warmup_steps=1)
+    data = [{"input_ids": torch.randint(0, 257, (2, 16)), "labels": torch.randint(0, 257, (2, 16))} for _ in range(8)]
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, callbacks=[Count(), bar, Shown()],
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                        log_every_n_steps=4, gradient_clip_val=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(lm, torch.utils.data.DataLoader(data, batch_size=None))
+    assert reads == [], reads
+    assert len(shown) == 8 and all(isinstance(v, float) for v in shown)
+    assert shown[-1] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    assert lm.tokens_seen == 8 * 2 * 16

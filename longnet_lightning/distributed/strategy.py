@@ -79,7 +79,9 @@ def global_mean(nll_sum: torch.Tensor, count: torch.Tensor, tokens: int = 0):
 
     The loss is ``world_size * nll_sum / global count``: DDP's average of the ranks' gradients is
     then the gradient of the global mean, every token counted once over the data x sequence mesh
-    (one all-reduce of three scalars; none on one process).
+    (one all-reduce of three scalars; none on one process). The token count is an ``int`` on one
+    process, else a float64 tensor on the device: reading it (``.item()``) would make the host wait
+    for the GPU in every step.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         total = count.clamp(min=1)
@@ -88,4 +90,4 @@ def global_mean(nll_sum: torch.Tensor, count: torch.Tensor, tokens: int = 0):
                         torch.tensor(float(tokens), dtype=torch.float64, device=count.device)])
     dist.all_reduce(sums)
     total = sums[1].clamp(min=1)
-    return nll_sum * (dist.get_world_size() / total).to(nll_sum.dtype), sums[0] / total, int(sums[2].item())
+    return nll_sum * (dist.get_world_size() / total).to(nll_sum.dtype), sums[0] / total, sums[2]

@@ -1,0 +1,83 @@
+"""The feed-forward's GELU + sub-LayerNorm: the fused operator against the composition it
+replaced (``F.gelu`` then ``F.layer_norm`` in bf16, as the model ran it), compiled and eager.
+
+    python -m benchmarks.gelu_norm --rows 32768 131072 --width 3072
+
+Per variant: forward and forward+backward per call (CUDA-event medians of 10 calls queued back
+to back, as a model queues them), and the forward+backward's
+effective bandwidth (the minimum traffic: read h; write y; read h and dy; write dh).
+``--sweep``: also time the fused operator under other launch shapes (``gelu_norm.Launch``: rows
+per program and warps of the forward; rows per step, warps and programs per SM of the backward).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from longnet_lightning import gelu_norm
+from longnet_lightning.gelu_norm import gelu_layer_norm
+
+from .common import bench_ms, require_cuda
+
+
+def _composition(h, w, b):
+    return F.layer_norm(F.gelu(h), (h.shape[-1],), w.to(h.dtype), b.to(h.dtype), 1e-5)
+
+
+def _time(fn, h, w, b, dy, reps, calls=10):
+    """Per-call GPU ms of the forward and of forward+backward: ``calls`` calls queued back to back
+    per timing, so the host's per-call overhead (the operator's Python, autograd) overlaps them."""
+
+    def fwd():
+        for _ in range(calls):
+            fn(h, w, b)
+
+    def step():
+        for _ in range(calls):
+            torch.autograd.grad(fn(h, w, b), (h, w, b), dy)
+
+    return bench_ms(fwd, reps=reps) / calls, bench_ms(step, reps=reps) / calls
+
+
+def main():
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gelu_norm", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--width", type=int, default=3072)
+    ap.add_argument("--sweep", action="store_true", help="also try other launch shapes of the fused passes")
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+    require_cuda("benchmarks.gelu_norm")
+    variants = {"fused operator": gelu_layer_norm, "composition, compiled": torch.compile(_composition),
+                "composition, eager": _composition}
+    default = gelu_norm.LAUNCH
+    if args.sweep:
+        shapes = [dict(fwd_rows=r, fwd_warps=w) for r, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 8))]
+        shapes += [dict(bwd_rows=r, bwd_warps=w, bwd_programs_per_sm=p)
+                   for r, w, p in ((1, 8, 1), (1, 16, 1), (1, 16, 2), (2, 16, 1), (2, 16, 2), (2, 32, 1),
+                                   (4, 32, 1))]
+        for shape in shapes:
+            variants["fused, " + " ".join(f"{k}={v}" for k, v in shape.items())] = shape
+    print("| rows x width | variant | fwd ms | fwd+bwd ms | fwd+bwd GB/s |\n|---|---|---|---|---|")
+    for m in args.rows:
+        f = args.width
+        h = torch.randn(m, f, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(f, device="cuda")).requires_grad_()
+        b = (0.1 * torch.randn(f, device="cuda")).requires_grad_()
+        dy = torch.randn_like(h)
+        for name, fn in variants.items():
+            if isinstance(fn, dict):
+                gelu_norm.LAUNCH, fn = dataclasses.replace(default, **fn), gelu_layer_norm
+            try:
+                fwd, both = _time(fn, h, w, b, dy, args.reps)
+            finally:
+                gelu_norm.LAUNCH = default
+            gbs = 5 * m * f * h.element_size() / (both * 1e-3) / 1e9
+            print(f"| {m:,} x {f} | {name} | {fwd:.3f} | {both:.3f} | {gbs:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

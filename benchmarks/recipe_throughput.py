@@ -1,0 +1,144 @@
+"""Training throughput of a recipe as a user runs it: ``python -m longnet_lightning fit --config
+recipes/<recipe>.yaml`` inside Lightning's loop, beside the bare training step of
+:mod:`benchmarks.train_throughput` on the same model, in the same process.
+
+    python -m benchmarks.recipe_throughput --config recipes/longnet-125m-32k.yaml --skip 8 --measure 32
+
+The recipe runs unchanged except for: no validation, no checkpoint files, a temporary run folder,
+and as many micro-batches as the measurement needs (``--set`` adds any other override, e.g.
+``--set --model.compile false``). Its data is the recipe's (the embedded default corpus unless
+``LONGNET_DATA`` is set). Timing: the GPU is synchronised at the end of micro-batch ``skip`` and
+of micro-batch ``skip + measure``, nowhere else, so the loop runs as it does in training; the
+number is the wall time between the two divided by ``measure``.
+
+``--syncs N``: for N micro-batches after ``skip``, every operation that makes the host wait for
+the GPU (``torch.cuda.set_sync_debug_mode``) is counted by where it was called from. A sync in
+each micro-batch stops the host from queueing the next one while the GPU works.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+import time
+import traceback
+import warnings
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from .common import require_cuda
+from .train_throughput import PEAK, run_config
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(Callback):
+    """Wall time of micro-batches ``skip + 1 .. skip + measure``, and the host syncs of the first ``syncs``."""
+
+    def __init__(self, skip: int, measure: int, syncs: int = 0):
+        self.skip, self.measure, self.syncs = skip, measure, syncs
+        self.t0 = self.seconds = None
+        self.sites: collections.Counter = collections.Counter()
+        self._show = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.skip:
+            _sync()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self.t0 = time.perf_counter()
+            if self.syncs:
+                self._start_sync_log()
+        if self.syncs and batch_idx == self.skip + self.syncs:
+            self._stop_sync_log()
+        if batch_idx == self.skip + self.measure:
+            _sync()
+            self.seconds = (time.perf_counter() - self.t0) / self.measure
+            self.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+            self.config = pl_module.model.config
+            self.shape = tuple(batch["input_ids"].shape)  # [B, T] of one micro-batch
+            trainer.should_stop = True
+
+    def _start_sync_log(self):
+        self._show = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return self._show(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+            outside = [f for f in frames if "/torch/" not in f.filename][-3:]  # the innermost callers
+            self.sites[" < ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in reversed(outside))] += 1
+
+        warnings.showwarning = record
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def _stop_sync_log(self):
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._show
+
+
+def run_recipe(config: str, skip: int, measure: int, syncs: int, extra: list[str]) -> dict:
+    from longnet_lightning.cli import cli_main
+
+    timer = StepTimer(skip, measure, syncs)
+    with tempfile.TemporaryDirectory() as root:
+        args = ["fit", "--config", config, "--trainer.default_root_dir", root,
+                "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.max_steps", "-1", "--trainer.max_epochs", "-1",
+                "--trainer.limit_train_batches", str(skip + measure + 1), "--trainer.enable_progress_bar", "true",
+                "--checkpoint.every_n_train_steps", "1000000", "--checkpoint.save_last", "false",
+                "--model.decay_steps", "1000", *extra]
+        t = time.perf_counter()
+        cli_main(args, trainer_defaults={"callbacks": [timer]})
+        total = time.perf_counter() - t
+    if timer.seconds is None:
+        raise SystemExit(f"the run ended before micro-batch {skip + measure}: an epoch has fewer batches "
+                         "than --skip + --measure; lower them")
+    bsz, context = timer.shape
+    tps = bsz * context / timer.seconds
+    return dict(where="recipe", config=config, extra=extra, batch=bsz, context=context,
+                micro_batch_s=timer.seconds, tokens_per_s=tps, mfu=timer.config.flops_per_token(context) * tps / PEAK,
+                peak_gib=timer.peak_gib, run_s=total, syncs=dict(timer.sites)), timer.config
+
+
+def main():
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.recipe_throughput", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="recipes/longnet-125m-32k.yaml")
+    ap.add_argument("--skip", type=int, default=8, help="micro-batches before timing (compilation, warm-up)")
+    ap.add_argument("--measure", type=int, default=32, help="micro-batches timed")
+    ap.add_argument("--syncs", type=int, default=2, help="micro-batches whose host syncs are counted")
+    ap.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="further recipe overrides (last)")
+    ap.add_argument("--bare", choices=["compiled", "graphs", "eager", "none"], default="compiled",
+                    help="also time train_throughput's bare step of the same model in this mode")
+    ap.add_argument("--json", default="recipe_throughput.json")
+    args = ap.parse_args()
+    require_cuda("benchmarks.recipe_throughput")
+    rec, cfg = run_recipe(args.config, args.skip, args.measure, args.syncs, args.set)
+    rows = [rec]
+    if args.bare != "none":
+        b = run_config(cfg, rec["context"], rec["batch"] * rec["context"], 8, args.bare)
+        rows.append(dict(where=f"bare step ({args.bare})", micro_batch_s=b.get("step_s"),
+                         tokens_per_s=b.get("tokens_per_s"), mfu=b.get("mfu"), peak_gib=b.get("peak_gib"),
+                         error=b.get("error")))
+    with open(args.json, "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+    for site, count in sorted(rec["syncs"].items(), key=lambda kv: -kv[1]):
+        print(f"sync x{count}: {site}")
+    print("| where | s per micro-batch | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|")
+    for r in rows:
+        if r.get("micro_batch_s") is None:
+            print(f"| {r['where']} | {r.get('error')} | | | |")
+            continue
+        print(f"| {r['where']} | {r['micro_batch_s']:.4f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+              f"{r['peak_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

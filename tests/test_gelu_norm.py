@@ -1,0 +1,127 @@
+"""The fused GELU + sub-LayerNorm operator (``gelu_norm.py``): its PyTorch specification against
+autograd in float64, its Triton kernels (through Triton's interpreter on CPU) against float64, the
+operator's registration, and the feed-forward block that uses it."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from longnet_lightning import gelu_norm
+from longnet_lightning.attention.settings import FALLBACKS
+from longnet_lightning.gelu_norm import gelu_layer_norm
+from longnet_lightning.model import FeedForward, LongNetConfig
+
+needs_interpreter = pytest.mark.skipif(
+    gelu_norm.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs Triton with TRITON_INTERPRET=1 (set by conftest on machines without CUDA)",
+)
+
+
+def _inputs(m, f, dtype=torch.float64, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(m, f, generator=g, dtype=torch.float64) * scale).to(dtype)
+    w = (1 + 0.5 * torch.randn(f, generator=g, dtype=torch.float64)).to(dtype)
+    b = (0.5 * torch.randn(f, generator=g, dtype=torch.float64)).to(dtype)
+    return h, w, b
+
+
+def _reference(h, w, b, eps=1e-5):
+    return F.layer_norm(F.gelu(h), (h.shape[-1],), w, b, eps)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def test_pytorch_path_is_gelu_then_layer_norm_with_exact_gradients():
+    h, w, b = (t.requires_grad_() for t in _inputs(5, 12))
+    assert torch.allclose(gelu_layer_norm(h, w, b, use_triton=False), _reference(h, w, b), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: gelu_layer_norm(*a, use_triton=False), (h, w, b))
+
+
+def test_operator_registration():
+    h, w, b = _inputs(6, 10, torch.float32)
+    torch.library.opcheck(gelu_norm._gln_op, (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, False))
+
+
+def test_any_leading_shape_and_strided_rows():
+    h, w, b = _inputs(24, 7)
+    x = h.view(2, 3, 4, 7)
+    assert torch.allclose(gelu_layer_norm(x, w, b, use_triton=False), _reference(x, w, b), atol=1e-12)
+    wide = torch.randn(6, 14, dtype=torch.float64)[:, ::2]  # last dim not unit-stride
+    assert torch.allclose(gelu_layer_norm(wide, w, b, use_triton=False), _reference(wide, w, b), atol=1e-12)
+    assert gelu_layer_norm(h[:0], w, b).shape == (0, 7)
+
+
+def test_bad_shapes_name_the_mismatch():
+    h, w, b = _inputs(4, 8)
+    with pytest.raises(ValueError, match=r"weight \(7,\) and bias \(8,\) must be \[8\]"):
+        gelu_layer_norm(h, w[:7], b)
+
+
+@pytest.fixture
+def triton_only(monkeypatch):
+    """The PyTorch passes made to fail, so a silent fallback from the kernels cannot pass."""
+
+    def boom(*a, **k):
+        raise AssertionError("the PyTorch pass ran instead of the Triton kernel")
+
+    monkeypatch.setattr(gelu_norm, "_forward_torch", boom)
+    monkeypatch.setattr(gelu_norm, "_backward_torch", boom)
+    FALLBACKS.reset()
+    yield
+    FALLBACKS.reset()
+
+
+@needs_interpreter
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 40), f=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([0.1, 1.0, 4.0]), fwd_rows=st.sampled_from([1, 2, 4]),
+       bwd_rows=st.sampled_from([1, 2, 4]), per_sm=st.sampled_from([1, 2]))
+def test_triton_kernels_match_float64(triton_only, monkeypatch, m, f, seed, scale, fwd_rows, bwd_rows, per_sm):
+    """Forward and all three gradients of the kernels (float32) against float64 autograd, on any
+    row length (powers of two or not, 1 included), row count (fewer rows than programs too) and
+    launch shape (rows per program, programs of the backward)."""
+    monkeypatch.setattr(gelu_norm, "LAUNCH", gelu_norm.Launch(fwd_rows=fwd_rows, bwd_rows=bwd_rows,
+                                                               bwd_programs_per_sm=per_sm))
+    h64, w64, b64 = (t.requires_grad_() for t in _inputs(m, f, seed=seed, scale=scale))
+    y64 = _reference(h64, w64, b64)
+    dy = torch.randn(m, f, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    ref = torch.autograd.grad(y64, (h64, w64, b64), dy)
+    h, w, b = (t.detach().float().requires_grad_() for t in (h64, w64, b64))
+    y = gelu_layer_norm(h, w, b, use_triton=True)
+    got = torch.autograd.grad(y, (h, w, b), dy.float())
+    tol = 2e-5 if f > 1 else 1e-3  # one column: the output is the bias, and its dh is ~0 (cancellation)
+    assert _rel(y, y64) < tol
+    for name, g, r in zip(("dh", "dweight", "dbias"), got, ref):
+        if r.norm() > 1e-6:
+            assert _rel(g, r) < tol * 10, name
+        else:
+            assert g.abs().max() < 1e-4, name
+
+
+def test_feed_forward_uses_the_fused_operator_and_matches_the_composition():
+    cfg = LongNetConfig(vocab_size=16, n_layer=1, n_embd=8, n_head=2, ffn_dim=24)
+    ffn = FeedForward(cfg).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    n = ffn.inner_norm
+    expected = ffn.fc2(F.layer_norm(F.gelu(ffn.fc1(x)), (24,), n.weight, n.bias, n.eps))
+    got = ffn(x)
+    assert torch.allclose(got, expected, atol=1e-12)
+    gx, gw = torch.autograd.grad(got.sum(), (x, n.weight))
+    ex, ew = torch.autograd.grad(expected.sum(), (x, n.weight))
+    assert torch.allclose(gx, ex, atol=1e-10) and torch.allclose(gw, ew, atol=1e-10)
+    calls = []
+    original = gelu_norm._gln_op
+    try:
+        gelu_norm._gln_op = lambda *a: calls.append(1) or original(*a)
+        ffn(x)
+    finally:
+        gelu_norm._gln_op = original
+    assert calls == [1]
