@@ -142,3 +142,19 @@ def test_training_batches_never_read_tensors_on_the_host(tmp_path, monkeypatch):
     assert len(shown) == 8 and all(isinstance(v, float) for v in shown)
     assert shown[-1] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
     assert lm.tokens_seen == 8 * 2 * 16
+
+
+def test_the_cli_swaps_lightnings_rich_bar_for_one_that_does_not_wait(tmp_path):
+    """With ``rich`` installed Lightning's default bar is Rich; the CLI puts in RichBar, keeping its
+    settings (and ResumeAwareProgressBar for the TQDM bar, tested with every CLI run)."""
+    pytest.importorskip("rich")
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from longnet_lightning.callbacks import RichBar
+    from longnet_lightning.cli import LongNetCLI
+
+    cli = LongNetCLI(args=["--model.model", "tiny", "--model.vocab_size", "257", "--trainer.accelerator", "cpu",
+                           "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=RichProgressBar",
+                           "--trainer.callbacks.refresh_rate", "3"], run=False)
+    bars = [cb for cb in cli.trainer.callbacks if isinstance(cb, RichProgressBar)]
+    assert len(bars) == 1 and type(bars[0]) is RichBar and bars[0].refresh_rate == 3
