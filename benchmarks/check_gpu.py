@@ -157,11 +157,11 @@ def check_compiled(rows):
 
 
 def check_loss(rows):
-    """The fused LM head + cross-entropy, Triton row passes, against float64."""
+    """The fused LM head + cross-entropy, Triton row passes, against float64: per token, and summed."""
     from longnet_lightning.loss import linear_cross_entropy
 
     for dtype in (torch.bfloat16, torch.float32):
-        worst = 0.0
+        worst = worst_sum = 0.0
         for t, e, vocab, chunk in [(8192, 768, 32768, 4096), (1000, 64, 257, 300), (513, 128, 50257, 128)]:
             h = _rand((1, t, e), torch.float64, t)
             w = _rand((vocab, e), torch.float64, vocab) * e ** -0.5
@@ -170,12 +170,19 @@ def check_loss(rows):
             g = torch.rand(1, t, device="cuda", dtype=torch.float64)
             hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
             ref = torch.nn.functional.cross_entropy((hr @ wr.t())[0], y[0], reduction="none")[None]
-            gref = torch.autograd.grad((ref * g).sum(), (hr, wr))
+            gref = torch.autograd.grad((ref * g).sum(), (hr, wr), retain_graph=True)
             hf, wf = h.to(dtype).requires_grad_(), w.float().requires_grad_()
             nll = linear_cross_entropy(hf, wf, y, chunk)
             grads = torch.autograd.grad((nll * g.float()).sum(), (hf, wf))
             worst = max(worst, rel(nll, ref), *(rel(a, b) for a, b in zip(grads, gref)))
+            # the summed loss: its gradients computed in the forward, scaled in the backward
+            sref = torch.autograd.grad(ref.sum() / 3, (hr, wr))
+            total = linear_cross_entropy(hf, wf, y, chunk, reduction="sum")
+            grads = torch.autograd.grad(total / 3, (hf, wf))
+            worst_sum = max(worst_sum, rel(total, ref.sum()), *(rel(a, b) for a, b in zip(grads, sref)))
         rows.append(("fused LM head + cross-entropy", str(dtype)[6:], "3 shapes", f"{worst:.2e}", worst < BOUND[dtype]))
+        rows.append(("fused LM head + cross-entropy, summed", str(dtype)[6:], "3 shapes", f"{worst_sum:.2e}",
+                     worst_sum < BOUND[dtype]))
 
 
 def check_gelu_norm(rows):

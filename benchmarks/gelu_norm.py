@@ -7,7 +7,8 @@ Per variant: forward and forward+backward per call (CUDA-event medians of 10 cal
 to back, as a model queues them), and the forward+backward's
 effective bandwidth (the minimum traffic: read h; write y; read h and dy; write dh).
 ``--sweep``: also time the fused operator under other launch shapes (``gelu_norm.Launch``: rows
-per program and warps of the forward; rows per step, warps and programs per SM of the backward).
+per program and warps of the forward; rows per step, warps and programs per SM of the backward;
+each with a row of 3 x 2^k columns as three unpadded chunks or one padded one).
 """
 from __future__ import annotations
 
@@ -55,10 +56,11 @@ def main():
                 "composition, eager": _composition}
     default = gelu_norm.LAUNCH
     if args.sweep:
-        shapes = [dict(fwd_rows=r, fwd_warps=w) for r, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 8))]
-        shapes += [dict(bwd_rows=r, bwd_warps=w, bwd_programs_per_sm=p)
-                   for r, w, p in ((1, 8, 1), (1, 16, 1), (1, 16, 2), (2, 16, 1), (2, 16, 2), (2, 32, 1),
-                                   (4, 32, 1))]
+        shapes = [dict(fwd_rows=r, fwd_warps=w, fwd_three=t)
+                  for r, w, t in ((1, 4, True), (2, 4, True), (1, 8, True), (2, 8, True), (2, 8, False))]
+        shapes += [dict(bwd_rows=r, bwd_warps=w, bwd_programs_per_sm=p, bwd_three=t)
+                   for r, w, p, t in ((2, 16, 1, False), (1, 16, 2, False), (4, 16, 1, False), (1, 8, 2, True),
+                                      (2, 8, 2, True), (1, 16, 1, True), (2, 16, 1, True), (1, 8, 4, True))]
         for shape in shapes:
             variants["fused, " + " ".join(f"{k}={v}" for k, v in shape.items())] = shape
     print("| rows x width | variant | fwd ms | fwd+bwd ms | fwd+bwd GB/s |\n|---|---|---|---|---|")

@@ -6,7 +6,8 @@ float64 inputs), with no rounding between them, the result rounded once.
 
 * Forward, one pass per row: GELU, the row's mean and reciprocal standard deviation (kept for the
   backward, 8 bytes per row), the normalised and scaled output. The GELU output never reaches
-  memory.
+  memory. The erf's instructions, not memory, bound the pass, so a row of 3 x 2^k columns (the
+  125M model's 3072) is taken as three unpadded chunks rather than one padded to 4096.
 * Backward, one pass per row: GELU again from ``h``, then ``dh``; each program also sums
   ``dweight`` and ``dbias`` over its rows in float32, and the few programs' partial sums are added
   at the end.
@@ -77,79 +78,154 @@ def _backward_torch(dy, h, weight, mean, rstd):
 if triton is not None:
 
     @triton.jit
-    def _gelu(x):
-        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    def _cdf_pdf(x):
+        """The standard normal CDF and density at ``x`` (float32): ``GELU(x) = x * cdf``."""
+        return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)), tl.exp(-0.5 * x * x) * 0.3989422804014327
 
     @triton.jit
-    def _gln_forward_kernel(H, W, B, Y, MEAN, RSTD, M, NCOL, stride_h, stride_y, eps,
-                            ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        in_rows = rows < M
+    def _load(P, r, stride, cols, in_rows, NCOL):
+        """One chunk ``[ROWS, CHUNK]`` of rows ``r`` as float32 (0 outside), and its mask."""
         ok = in_rows[:, None] & (cols[None, :] < NCOL)
-        r = rows.to(tl.int64)[:, None]
-        x = tl.load(H + r * stride_h + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        g = tl.where(ok, _gelu(x), 0.0)
-        mean = tl.sum(g, 1) / NCOL
-        d = tl.where(ok, g - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / NCOL + eps)
+        return tl.load(P + r * stride + cols[None, :], mask=ok, other=0.0).to(tl.float32), ok
+
+    @triton.jit
+    def _gelu_chunk(H, r, stride_h, cols, in_rows, NCOL):
+        x, ok = _load(H, r, stride_h, cols, in_rows, NCOL)
+        cdf, _ = _cdf_pdf(x)
+        return tl.where(ok, x * cdf, 0.0), ok
+
+    @triton.jit
+    def _store_normalised(Y, W, B, r, stride_y, cols, d, rstd, ok, NCOL):
         w = tl.load(W + cols, mask=cols < NCOL, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cols < NCOL, other=0.0).to(tl.float32)
         y = d * rstd[:, None] * w[None, :] + b[None, :]
         tl.store(Y + r * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _gln_forward_kernel(H, W, B, Y, MEAN, RSTD, M, NCOL, stride_h, stride_y, eps,
+                            ROWS: tl.constexpr, CHUNK: tl.constexpr, THREE: tl.constexpr):
+        """``ROWS`` rows per program; a row is one chunk of ``CHUNK`` columns, or with ``THREE``
+        three (so a width of 3 x 2^k, such as 3072, wastes no lanes on padding)."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        in_rows = rows < M
+        r = rows.to(tl.int64)[:, None]
+        c0 = tl.arange(0, CHUNK)
+        # with three chunks, each row sum adds the chunks elementwise first: one reduction (one
+        # pass through shared memory) per statistic, not three
+        g0, ok0 = _gelu_chunk(H, r, stride_h, c0, in_rows, NCOL)
+        if THREE:
+            g1, ok1 = _gelu_chunk(H, r, stride_h, c0 + CHUNK, in_rows, NCOL)
+            g2, ok2 = _gelu_chunk(H, r, stride_h, c0 + 2 * CHUNK, in_rows, NCOL)
+            mean = tl.sum(g0 + g1 + g2, 1) / NCOL
+        else:
+            mean = tl.sum(g0, 1) / NCOL
+        d0 = tl.where(ok0, g0 - mean[:, None], 0.0)
+        if THREE:
+            d1 = tl.where(ok1, g1 - mean[:, None], 0.0)
+            d2 = tl.where(ok2, g2 - mean[:, None], 0.0)
+            var = tl.sum(d0 * d0 + d1 * d1 + d2 * d2, 1)
+        else:
+            var = tl.sum(d0 * d0, 1)
+        rstd = 1.0 / tl.sqrt(var / NCOL + eps)
+        _store_normalised(Y, W, B, r, stride_y, c0, d0, rstd, ok0, NCOL)
+        if THREE:
+            _store_normalised(Y, W, B, r, stride_y, c0 + CHUNK, d1, rstd, ok1, NCOL)
+            _store_normalised(Y, W, B, r, stride_y, c0 + 2 * CHUNK, d2, rstd, ok2, NCOL)
         tl.store(MEAN + rows, mean, mask=in_rows)
         tl.store(RSTD + rows, rstd, mask=in_rows)
 
     @triton.jit
-    def _gln_backward_kernel(DY, H, W, MEAN, RSTD, DH, DW, DB, M, NCOL, stride_dy, stride_h, stride_dh,
-                             ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        pid, programs = tl.program_id(0), tl.num_programs(0)
-        cols = tl.arange(0, BLOCK)
+    def _backward_inputs(DY, H, W, r, stride_dy, stride_h, cols, in_rows, mean, rstd, NCOL):
+        """One chunk's ``xhat``, ``dy``, ``w * dy`` and ``GELU'(x)``, and its mask."""
+        x, ok = _load(H, r, stride_h, cols, in_rows, NCOL)
+        dy, _ = _load(DY, r, stride_dy, cols, in_rows, NCOL)
         w = tl.load(W + cols, mask=cols < NCOL, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK], tl.float32)
-        db = tl.zeros([BLOCK], tl.float32)
-        for i in range(0, tl.cdiv(tl.cdiv(M, ROWS) - pid, programs)):  # row groups pid, pid + programs, ...
+        cdf, pdf = _cdf_pdf(x)
+        xhat = tl.where(ok, (x * cdf - mean[:, None]) * rstd[:, None], 0.0)
+        return xhat, dy, dy * w[None, :], cdf + x * pdf, ok
+
+    @triton.jit
+    def _store_dh(DH, r, stride_dh, cols, xhat, wdy, dgelu, c1, c2, rstd, ok):
+        dg = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(DH + r * stride_dh + cols[None, :], (dg * dgelu).to(DH.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _gln_backward_kernel(DY, H, W, MEAN, RSTD, DH, DW, DB, M, NCOL, stride_dy, stride_h, stride_dh,
+                             ROWS: tl.constexpr, CHUNK: tl.constexpr, THREE: tl.constexpr):
+        """Programs loop over groups of ``ROWS`` rows (pid, pid + programs, ...), each summing
+        its rows' ``dweight`` and ``dbias`` (float32), stored at ``[pid]``; chunks as forward."""
+        pid, programs = tl.program_id(0), tl.num_programs(0)
+        c0 = tl.arange(0, CHUNK)
+        dw0 = tl.zeros([CHUNK], tl.float32)
+        db0 = tl.zeros([CHUNK], tl.float32)
+        if THREE:
+            dw1 = tl.zeros([CHUNK], tl.float32)
+            db1 = tl.zeros([CHUNK], tl.float32)
+            dw2 = tl.zeros([CHUNK], tl.float32)
+            db2 = tl.zeros([CHUNK], tl.float32)
+        for i in range(0, tl.cdiv(tl.cdiv(M, ROWS) - pid, programs)):
             rows = (pid + i * programs) * ROWS + tl.arange(0, ROWS)
             in_rows = rows < M
-            ok = in_rows[:, None] & (cols[None, :] < NCOL)
             r = rows.to(tl.int64)[:, None]
-            x = tl.load(H + r * stride_h + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            dy = tl.load(DY + r * stride_dy + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             mean = tl.load(MEAN + rows, mask=in_rows, other=0.0)
             rstd = tl.load(RSTD + rows, mask=in_rows, other=0.0)
-            cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-            xhat = tl.where(ok, (x * cdf - mean[:, None]) * rstd[:, None], 0.0)
-            wdy = dy * w[None, :]
-            c1 = tl.sum(xhat * wdy, 1) / NCOL
-            c2 = tl.sum(wdy, 1) / NCOL
-            dg = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-            dgelu = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
-            tl.store(DH + r * stride_dh + cols[None, :], (dg * dgelu).to(DH.dtype.element_ty), mask=ok)
-            dw += tl.sum(dy * xhat, 0)
-            db += tl.sum(dy, 0)
-        tl.store(DW + pid.to(tl.int64) * NCOL + cols, dw, mask=cols < NCOL)
-        tl.store(DB + pid.to(tl.int64) * NCOL + cols, db, mask=cols < NCOL)
+            xh0, dy0, wdy0, dgelu0, ok0 = _backward_inputs(DY, H, W, r, stride_dy, stride_h, c0, in_rows, mean,
+                                                           rstd, NCOL)
+            if THREE:
+                xh1, dy1, wdy1, dgelu1, ok1 = _backward_inputs(DY, H, W, r, stride_dy, stride_h, c0 + CHUNK, in_rows,
+                                                               mean, rstd, NCOL)
+                xh2, dy2, wdy2, dgelu2, ok2 = _backward_inputs(DY, H, W, r, stride_dy, stride_h, c0 + 2 * CHUNK,
+                                                               in_rows, mean, rstd, NCOL)
+                c1 = tl.sum(xh0 * wdy0 + xh1 * wdy1 + xh2 * wdy2, 1) / NCOL
+                c2 = tl.sum(wdy0 + wdy1 + wdy2, 1) / NCOL
+            else:
+                c1 = tl.sum(xh0 * wdy0, 1) / NCOL
+                c2 = tl.sum(wdy0, 1) / NCOL
+            _store_dh(DH, r, stride_dh, c0, xh0, wdy0, dgelu0, c1, c2, rstd, ok0)
+            dw0 += tl.sum(dy0 * xh0, 0)
+            db0 += tl.sum(dy0, 0)
+            if THREE:
+                _store_dh(DH, r, stride_dh, c0 + CHUNK, xh1, wdy1, dgelu1, c1, c2, rstd, ok1)
+                _store_dh(DH, r, stride_dh, c0 + 2 * CHUNK, xh2, wdy2, dgelu2, c1, c2, rstd, ok2)
+                dw1 += tl.sum(dy1 * xh1, 0)
+                db1 += tl.sum(dy1, 0)
+                dw2 += tl.sum(dy2 * xh2, 0)
+                db2 += tl.sum(dy2, 0)
+        base = pid.to(tl.int64) * NCOL
+        tl.store(DW + base + c0, dw0, mask=c0 < NCOL)
+        tl.store(DB + base + c0, db0, mask=c0 < NCOL)
+        if THREE:
+            tl.store(DW + base + CHUNK + c0, dw1, mask=CHUNK + c0 < NCOL)
+            tl.store(DB + base + CHUNK + c0, db1, mask=CHUNK + c0 < NCOL)
+            tl.store(DW + base + 2 * CHUNK + c0, dw2, mask=2 * CHUNK + c0 < NCOL)
+            tl.store(DB + base + 2 * CHUNK + c0, db2, mask=2 * CHUNK + c0 < NCOL)
 
 
 @dataclass
 class Launch:
     """How the passes launch (measured on an H200 with ``benchmarks.gelu_norm --sweep``): rows
     per program and warps of the forward; rows per step, warps and programs per SM of the
-    backward (each program sums dweight and dbias over its rows)."""
+    backward (each program sums dweight and dbias over its rows); ``*_three``: whether a pass
+    takes a row of 3 x 2^k columns as three unpadded chunks (see ``_layout``)."""
 
-    fwd_rows: int = 2
-    fwd_warps: int = 8
+    fwd_rows: int = 1
+    fwd_warps: int = 4
+    fwd_three: bool = True
     bwd_rows: int = 2
     bwd_warps: int = 16
     bwd_programs_per_sm: int = 1
+    bwd_three: bool = False
 
 
 LAUNCH = Launch()
 
 
-def _block(f: int) -> int:
-    """Elements of one row in a program: the row, padded to a power of two."""
-    return max(16, 1 << (f - 1).bit_length())
+def _layout(f: int, three: bool = True) -> tuple[int, bool]:
+    """``(CHUNK, THREE)``: a row of ``f`` columns as three chunks of a power of two when allowed
+    and that pads less than one power-of-two chunk (3072 = 3 x 1024 pads nothing; one chunk of
+    4096 would compute 1024 padding lanes)."""
+    p = max(16, 1 << (f - 1).bit_length())
+    return (p // 4, True) if three and p >= 64 and 4 * f <= 3 * p else (p, False)
 
 
 def _backward_programs(device: torch.device, groups: int) -> int:
@@ -182,8 +258,9 @@ def _gln_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
             mean = torch.empty(m, dtype=torch.float32, device=h.device)
             rstd = torch.empty(m, dtype=torch.float32, device=h.device)
             rows = LAUNCH.fwd_rows
+            chunk, three = _layout(f, LAUNCH.fwd_three)
             _gln_forward_kernel[(triton.cdiv(m, rows),)](h, weight, bias, y, mean, rstd, m, f, h.stride(0),
-                                                         y.stride(0), eps, ROWS=rows, BLOCK=_block(f),
+                                                         y.stride(0), eps, ROWS=rows, CHUNK=chunk, THREE=three,
                                                          num_warps=LAUNCH.fwd_warps)
             return y, mean, rstd
         except torch.OutOfMemoryError:
@@ -215,8 +292,9 @@ def _gln_backward_op(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, me
             programs = _backward_programs(h.device, triton.cdiv(m, rows))
             dw = torch.empty(programs, f, dtype=torch.float32, device=h.device)
             db = torch.empty(programs, f, dtype=torch.float32, device=h.device)
+            chunk, three = _layout(f, LAUNCH.bwd_three)
             _gln_backward_kernel[(programs,)](dy, h, weight, mean, rstd, dh, dw, db, m, f, dy.stride(0),
-                                              h.stride(0), dh.stride(0), ROWS=rows, BLOCK=_block(f),
+                                              h.stride(0), dh.stride(0), ROWS=rows, CHUNK=chunk, THREE=three,
                                               num_warps=LAUNCH.bwd_warps)
             return dh, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
         except torch.OutOfMemoryError:

@@ -35,7 +35,7 @@ def _reference(h, w, b, eps=1e-5):
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
 
 
 def test_pytorch_path_is_gelu_then_layer_norm_with_exact_gradients():
@@ -83,13 +83,15 @@ def triton_only(monkeypatch):
                                                                   HealthCheck.function_scoped_fixture])
 @given(m=st.integers(1, 40), f=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
        scale=st.sampled_from([0.1, 1.0, 4.0]), fwd_rows=st.sampled_from([1, 2, 4]),
-       bwd_rows=st.sampled_from([1, 2, 4]), per_sm=st.sampled_from([1, 2]))
-def test_triton_kernels_match_float64(triton_only, monkeypatch, m, f, seed, scale, fwd_rows, bwd_rows, per_sm):
+       bwd_rows=st.sampled_from([1, 2, 4]), per_sm=st.sampled_from([1, 2]), three=st.booleans())
+def test_triton_kernels_match_float64(triton_only, monkeypatch, m, f, seed, scale, fwd_rows, bwd_rows, per_sm,
+                                      three):
     """Forward and all three gradients of the kernels (float32) against float64 autograd, on any
     row length (powers of two or not, 1 included), row count (fewer rows than programs too) and
     launch shape (rows per program, programs of the backward)."""
     monkeypatch.setattr(gelu_norm, "LAUNCH", gelu_norm.Launch(fwd_rows=fwd_rows, bwd_rows=bwd_rows,
-                                                               bwd_programs_per_sm=per_sm))
+                                                               bwd_programs_per_sm=per_sm, fwd_three=three,
+                                                               bwd_three=not three))
     h64, w64, b64 = (t.requires_grad_() for t in _inputs(m, f, seed=seed, scale=scale))
     y64 = _reference(h64, w64, b64)
     dy = torch.randn(m, f, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
@@ -104,6 +106,32 @@ def test_triton_kernels_match_float64(triton_only, monkeypatch, m, f, seed, scal
             assert _rel(g, r) < tol * 10, name
         else:
             assert g.abs().max() < 1e-4, name
+
+
+def test_rows_of_three_by_a_power_of_two_are_three_chunks_without_padding():
+    assert gelu_norm._layout(3072) == (1024, True) and gelu_norm._layout(3000) == (1024, True)
+    assert gelu_norm._layout(4096) == (4096, False) and gelu_norm._layout(3073) == (4096, False)
+    assert gelu_norm._layout(2049) == (1024, True)
+    assert gelu_norm._layout(48) == (16, True) and gelu_norm._layout(5) == (16, False)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("m,f", [(3, 3072), (5, 3000), (2, 6144), (7, 96), (4, 100)])
+@pytest.mark.parametrize("three", [True, False])
+def test_triton_kernels_match_float64_on_model_widths(triton_only, monkeypatch, m, f, three):
+    """The widths a model uses (3072 = 4 x 768: three chunks), one with a ragged last chunk, and
+    one that stays a single padded chunk; both passes in either layout."""
+    monkeypatch.setattr(gelu_norm, "LAUNCH", gelu_norm.Launch(fwd_three=three, bwd_three=three))
+    h64, w64, b64 = (t.requires_grad_() for t in _inputs(m, f, seed=f))
+    y64 = _reference(h64, w64, b64)
+    dy = torch.randn(m, f, dtype=torch.float64, generator=torch.Generator().manual_seed(f + 1))
+    ref = torch.autograd.grad(y64, (h64, w64, b64), dy)
+    h, w, b = (t.detach().float().requires_grad_() for t in (h64, w64, b64))
+    y = gelu_layer_norm(h, w, b, use_triton=True)
+    got = torch.autograd.grad(y, (h, w, b), dy.float())
+    assert _rel(y, y64) < 2e-6
+    for name, g, r in zip(("dh", "dweight", "dbias"), got, ref):
+        assert _rel(g, r) < 2e-6, name
 
 
 def test_feed_forward_uses_the_fused_operator_and_matches_the_composition():

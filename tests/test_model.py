@@ -91,6 +91,10 @@ def test_loss_reductions_and_activation_checkpointing_agree():
     assert torch.allclose(mean * 98, model.loss(idx, labels, "sum"))
     assert torch.allclose(model.loss(idx, labels, "none").sum(), model.loss(idx, labels, "sum"))
     g1 = torch.autograd.grad(mean, list(model.parameters()))
+    per_token = torch.autograd.grad(model.loss(idx, labels, "none").sum() / 98, list(model.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g1, per_token))  # the sum's gradient, kept
+    with pytest.raises(ValueError, match="reduction='avg'"):
+        model.loss(idx, labels, "avg")
     model.config.activation_checkpointing = True
     model.train()
     g2 = torch.autograd.grad(model.loss(idx, labels), list(model.parameters()))
