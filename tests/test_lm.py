@@ -222,3 +222,29 @@ def test_generation_is_seeded_and_respects_settings():
 def test_generation_without_tokenizer_is_an_error():
     with pytest.raises(ValueError, match="tokenizer"):
         _lm().generate("hi")
+
+
+def test_training_step_trains_on_the_summed_loss_operator(monkeypatch):
+    """A Lightning training batch backpropagates through the summed loss (its gradient from the
+    forward, one GEMM fewer), and its loss is the mean NLL of the per-token path."""
+    from longnet_lightning import loss as lce
+
+    calls = []
+    original = lce._lce_sum_op
+    monkeypatch.setattr(lce, "_lce_sum_op", lambda *a: calls.append(1) or original(*a))
+    lm = _lm()
+    batch = _batch()
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen["loss"] = outputs["loss"].detach()
+
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Probe()])
+    with torch.no_grad():
+        scored = (batch["labels"] != -100).sum()
+        want = lm.token_nll(batch).sum() / scored
+    trainer.fit(lm, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    assert calls == [1]
+    torch.testing.assert_close(seen["loss"], want, rtol=1e-6, atol=1e-6)
