@@ -154,6 +154,12 @@ def _(hidden, weight, labels, chunk, use_triton):
     return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
 
 
+def _gradient_buffers(hidden, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dhidden`` (hidden's dtype, written per chunk) and ``dweight`` (zeros, float32/64, summed)."""
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device))
+
+
 def _chunk_gradients(h, w, dlogits, labels, lse, dnll, dh, dw, use_triton) -> None:
     """Turn one chunk's logits ``dlogits`` ``[C, V]`` into their gradient in place, then write
     ``dh`` ``[C, E]`` and add the chunk's share to ``dw`` ``[V, E]``."""
@@ -168,8 +174,7 @@ def _lce_backward_op(dnll: torch.Tensor, hidden: torch.Tensor, weight: torch.Ten
     """``dhidden`` (hidden's dtype) and ``dweight`` (weight's dtype, summed in float32/64)."""
     t = hidden.shape[0]
     dnll = dnll.to(lse.dtype).contiguous()
-    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    dw = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device)
+    dh, dw = _gradient_buffers(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(hidden.dtype)
         for i in range(0, t, chunk):
@@ -208,8 +213,7 @@ def _lce_sum_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     nll = torch.empty(t, dtype=acc, device=hidden.device)
     lse = torch.empty(t, dtype=acc, device=hidden.device)
     ones = torch.ones(min(t, chunk), dtype=acc, device=hidden.device)
-    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    dw = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device)
+    dh, dw = _gradient_buffers(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(hidden.dtype)
         for i in range(0, t, chunk):

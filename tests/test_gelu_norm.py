@@ -64,6 +64,18 @@ def test_bad_shapes_name_the_mismatch():
         gelu_layer_norm(h, w[:7], b)
 
 
+def _kernels_and_float64(m, f, seed, scale=3.0):
+    """``(y, y64, (dh, dw, db), their float64 reference)``: the Triton path in float32 and float64
+    autograd of the composition on the same inputs and output gradient."""
+    h64, w64, b64 = (t.requires_grad_() for t in _inputs(m, f, seed=seed, scale=scale))
+    y64 = _reference(h64, w64, b64)
+    dy = torch.randn(m, f, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    ref = torch.autograd.grad(y64, (h64, w64, b64), dy)
+    h, w, b = (t.detach().float().requires_grad_() for t in (h64, w64, b64))
+    y = gelu_layer_norm(h, w, b, use_triton=True)
+    return y, y64, torch.autograd.grad(y, (h, w, b), dy.float()), ref
+
+
 @pytest.fixture
 def triton_only(monkeypatch):
     """The PyTorch passes made to fail, so a silent fallback from the kernels cannot pass."""
@@ -92,13 +104,7 @@ def test_triton_kernels_match_float64(triton_only, monkeypatch, m, f, seed, scal
     monkeypatch.setattr(gelu_norm, "LAUNCH", gelu_norm.Launch(fwd_rows=fwd_rows, bwd_rows=bwd_rows,
                                                                bwd_programs_per_sm=per_sm, fwd_three=three,
                                                                bwd_three=not three))
-    h64, w64, b64 = (t.requires_grad_() for t in _inputs(m, f, seed=seed, scale=scale))
-    y64 = _reference(h64, w64, b64)
-    dy = torch.randn(m, f, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
-    ref = torch.autograd.grad(y64, (h64, w64, b64), dy)
-    h, w, b = (t.detach().float().requires_grad_() for t in (h64, w64, b64))
-    y = gelu_layer_norm(h, w, b, use_triton=True)
-    got = torch.autograd.grad(y, (h, w, b), dy.float())
+    y, y64, got, ref = _kernels_and_float64(m, f, seed, scale)
     tol = 2e-5 if f > 1 else 1e-3  # one column: the output is the bias, and its dh is ~0 (cancellation)
     assert _rel(y, y64) < tol
     for name, g, r in zip(("dh", "dweight", "dbias"), got, ref):
@@ -122,13 +128,7 @@ def test_triton_kernels_match_float64_on_model_widths(triton_only, monkeypatch, 
     """The widths a model uses (3072 = 4 x 768: three chunks), one with a ragged last chunk, and
     one that stays a single padded chunk; both passes in either layout."""
     monkeypatch.setattr(gelu_norm, "LAUNCH", gelu_norm.Launch(fwd_three=three, bwd_three=three))
-    h64, w64, b64 = (t.requires_grad_() for t in _inputs(m, f, seed=f))
-    y64 = _reference(h64, w64, b64)
-    dy = torch.randn(m, f, dtype=torch.float64, generator=torch.Generator().manual_seed(f + 1))
-    ref = torch.autograd.grad(y64, (h64, w64, b64), dy)
-    h, w, b = (t.detach().float().requires_grad_() for t in (h64, w64, b64))
-    y = gelu_layer_norm(h, w, b, use_triton=True)
-    got = torch.autograd.grad(y, (h, w, b), dy.float())
+    y, y64, got, ref = _kernels_and_float64(m, f, seed=f)
     assert _rel(y, y64) < 2e-6
     for name, g, r in zip(("dh", "dweight", "dbias"), got, ref):
         assert _rel(g, r) < 2e-6, name
