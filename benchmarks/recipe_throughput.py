@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .common import require_cuda
-from .train_throughput import PEAK, run_config
+from .train_throughput import mfu, run_config
 
 
 def _sync() -> None:
@@ -103,7 +103,7 @@ def run_recipe(config: str, skip: int, measure: int, syncs: int, extra: list[str
     bsz, context = timer.shape
     tps = bsz * context / timer.seconds
     return dict(where="recipe", config=config, extra=extra, batch=bsz, context=context,
-                micro_batch_s=timer.seconds, tokens_per_s=tps, mfu=timer.config.flops_per_token(context) * tps / PEAK,
+                micro_batch_s=timer.seconds, tokens_per_s=tps, mfu=mfu(timer.config.flops_per_token(context), tps),
                 peak_gib=timer.peak_gib, run_s=total, syncs=dict(timer.sites)), timer.config
 
 

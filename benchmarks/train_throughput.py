@@ -11,7 +11,8 @@ batch = max(1, tokens // context). Modes:
 * ``graphs``: the same with CUDA graphs (``mode="reduce-overhead"``).
 MFU = model FLOPs per token (LongNetConfig.flops_per_token: 6 x matmul parameters incl. the LM
 head, plus attention as docs/semantics.md counts it, backward = 2.5 x forward) x tokens/s / peak,
-with the H200's dense bf16 peak of 989 TFLOP/s (datasheet). Dense attention runs beside dilated.
+with the GPU's dense bf16 peak (``callbacks.peak_flops``, the denominator of the training logs'
+``perf/mfu``: 989 TFLOP/s on an H200). Dense attention runs beside dilated.
 
 ``--check``: for each mode, a 2-layer model of the same width at ``--check-context`` tokens, bf16,
 against the same weights in float64 with the dense ``N x N`` reference attention of
@@ -22,12 +23,18 @@ import json
 
 import torch
 
+from longnet_lightning.callbacks import peak_flops
 from longnet_lightning.model import LongNet, LongNetConfig
 
 from .common import bench_ms, require_cuda, wall_s
 
-PEAK = 989e12
 MODES = ("eager", "compiled", "graphs")
+
+
+def mfu(flops_per_token: float, tokens_per_s: float) -> float:
+    """Model FLOPs utilisation on this GPU in bf16 (NaN where its peak is not known)."""
+    peak = peak_flops(torch.device("cuda"), torch.bfloat16)
+    return flops_per_token * tokens_per_s / peak if peak else float("nan")
 
 
 def _loss_fn(model, mode):
@@ -87,7 +94,7 @@ def run_config(cfg: LongNetConfig, context, tokens, steps, mode) -> dict:
     except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
         return {**row, "error": f"{type(e).__name__}: {e}"[:300]}
     tps = bsz * context / t
-    return {**row, "step_s": t, "tokens_per_s": tps, "mfu": cfg.flops_per_token(context) * tps / PEAK,
+    return {**row, "step_s": t, "tokens_per_s": tps, "mfu": mfu(cfg.flops_per_token(context), tps),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(last["loss"]),
             "graph_breaks": _graph_breaks() - breaks}
 

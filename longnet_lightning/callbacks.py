@@ -1,15 +1,17 @@
 """The callbacks the CLI adds: :class:`PredictionWriter` (completions out), :class:`LRMonitor`,
-and the progress bars :class:`ResumeAwareProgressBar` and :class:`RichBar`; and :class:`TimeBudget`,
-to train for a wall-clock budget."""
+:class:`Throughput` (tokens/s and MFU), and the progress bars :class:`ResumeAwareProgressBar` and
+:class:`RichBar`; and :class:`TimeBudget`, to train for a wall-clock budget."""
 from __future__ import annotations
 
 import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, LearningRateMonitor, RichProgressBar,
                                          TQDMProgressBar)
 from lightning.pytorch.utilities import rank_zero_info
@@ -63,6 +65,9 @@ class _ShownWithoutWaiting:
         items = super().get_metrics(trainer, pl_module)
         if trainer.training:
             items.update(self._poll(trainer))
+            for cb in trainer.callbacks:
+                if isinstance(cb, Throughput):
+                    items.update(cb.shown())
         return items
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -140,6 +145,138 @@ class PredictionWriter(BasePredictionWriter):
             if self.output:
                 with open(Path(self.output).expanduser(), "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- throughput
+
+# Dense matmul peaks that Lightning's table (``get_available_flops``) lacks or lists differently:
+# its H200 entries are the datasheet's 2:4-sparse figures, twice the dense ones, and the CUDA name
+# "NVIDIA H200" matches neither. bf16 and fp16, FLOP/s: the datasheets' sparse 1,979 and 1,671
+# TFLOP/s halved (the H100's dense figures: the same GH100 chip), to the TFLOP/s below.
+_DENSE_PEAKS = {"h200 nvl": 835e12, "h200": 989e12}
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The matmul dtype of a Lightning precision setting (``"bf16-mixed"`` -> bfloat16, ...)."""
+    return _PRECISION_DTYPES.get(str(precision).split("-")[0])
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
+    """One device's dense matmul peak in FLOP/s for ``dtype`` (the denominator of MFU), or None
+    when it is not known (CPUs, unlisted GPUs, dtypes a GPU lacks)."""
+    if device.type != "cuda" or dtype is None:
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for chip, flops in _DENSE_PEAKS.items():
+        if chip in name:
+            return flops if dtype in (torch.bfloat16, torch.float16) else None
+    with warnings.catch_warnings():  # an unlisted GPU: said once, by Throughput
+        warnings.simplefilter("ignore")
+        flops = get_available_flops(device, dtype)
+    return float(flops) if flops else None
+
+
+class Throughput(Callback):
+    """Logs training speed every ``every_n_steps`` optimizer steps (default: the Trainer's
+    ``log_every_n_steps``), and shows it in the CLI's progress bar:
+
+    * ``perf/tokens_per_s``: input tokens trained on per second, over all processes
+      (:attr:`.LongNetLM.tokens_seen`, each token once);
+    * ``perf/step_s``: seconds per optimizer step;
+    * ``perf/mfu``: model FLOPs utilisation, ``flops_per_token(context) x tokens/s`` over the
+      dense peak of all devices (:meth:`.LongNetConfig.flops_per_token`, the formula of
+      ``benchmarks/RESULTS.md``; :func:`peak_flops` for the run's precision, or ``peak_tflops``).
+
+    A window runs from one log point (a multiple of ``every_n_steps``) to the next, less the time
+    spent validating. The first opens after the first optimizer step (and again after a resume),
+    so compilation is not counted. The clock is the host's, read without waiting for the GPU: in
+    steady state the host runs ahead of the GPU by a bounded amount, so over a window of many
+    steps the two agree. (With several processes, reading the token count at a log point waits
+    once, as Lightning's own logging does at that step.)
+
+    Args:
+        every_n_steps: optimizer steps per window; None: ``trainer.log_every_n_steps``.
+        peak_tflops: one device's dense matmul peak in TFLOP/s at the run's precision, for GPUs
+            :func:`peak_flops` does not know (or to state another); None: looked up (on a CPU,
+            none: MFU is left out).
+    """
+
+    def __init__(self, every_n_steps: int | None = None, peak_tflops: float | None = None):
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"throughput.every_n_steps={every_n_steps} must be an integer >= 1 (or null: the "
+                             "trainer's log_every_n_steps)")
+        if peak_tflops is not None and not peak_tflops > 0:
+            raise ValueError(f"throughput.peak_tflops={peak_tflops} must be > 0 (one device's dense peak in "
+                             "TFLOP/s), or null to look it up")
+        self.every_n_steps, self.peak_tflops = every_n_steps, peak_tflops
+        self.latest: dict[str, float] = {}
+        self._peak: float | None = None
+        self._mark: tuple[int, float, int] | None = None  # (optimizer step, time, tokens) where the window opened
+        self._step = -1
+        self._paused = 0.0
+        self._validating: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not hasattr(pl_module, "tokens_seen"):
+            raise ValueError(f"Throughput needs the tokens_seen count of a LongNetLM, which "
+                             f"{type(pl_module).__name__} lacks; use it with a LongNetLM (or a subclass)")
+        self._mark, self._step, self._paused, self.latest = None, trainer.global_step, 0.0, {}
+        if self.peak_tflops is not None:
+            self._peak = self.peak_tflops * 1e12
+        else:
+            self._peak = peak_flops(pl_module.device, precision_dtype(trainer.precision))
+            if self._peak is None and pl_module.device.type == "cuda":  # (on CPUs MFU is not reported)
+                rank_zero_info(f"throughput: perf/mfu is not logged: the dense peak of "
+                               f"{torch.cuda.get_device_name(pl_module.device)} at precision {trainer.precision} "
+                               "is not known; set --throughput.peak_tflops to log it")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._mark is not None:  # inside a window
+            self._validating = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._validating is not None:
+            self._paused += time.perf_counter() - self._validating
+            self._validating = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._step:  # inside an accumulation: no optimizer step yet
+            return
+        self._step = step
+        if self._mark is not None and step % (self.every_n_steps or trainer.log_every_n_steps):
+            return
+        now, tokens = time.perf_counter(), pl_module.tokens_seen
+        if self._mark is not None:
+            steps = step - self._mark[0]
+            seconds = now - self._mark[1] - self._paused
+            context = batch["input_ids"].shape[-1]  # the whole sequence, also under sequence parallelism
+            self.latest = self.window(steps, seconds, tokens - self._mark[2], context, pl_module.config,
+                                      trainer.world_size)
+            logged_at = trainer.fit_loop.epoch_loop._batches_that_stepped  # Lightning's step for this batch's metrics
+            for logger in trainer.loggers:
+                logger.log_metrics(self.latest, step=logged_at)
+        self._mark, self._paused = (step, now, tokens), 0.0
+
+    def window(self, steps: int, seconds: float, tokens: int, context: int, config, devices: int) -> dict[str, float]:
+        """The metrics of one window: ``steps`` optimizer steps and ``tokens`` in ``seconds``, of
+        sequences of ``context`` tokens, for a model ``config`` on ``devices`` devices."""
+        tps = tokens / seconds
+        out = {"perf/tokens_per_s": tps, "perf/step_s": seconds / steps}
+        if self._peak is not None:
+            out["perf/mfu"] = config.flops_per_token(context) * tps / (self._peak * devices)
+        return out
+
+    def shown(self) -> dict[str, str]:
+        """The latest window for the progress bar."""
+        if not self.latest:
+            return {}
+        tps = self.latest["perf/tokens_per_s"]
+        out = {"tok/s": f"{tps / 1e3:.1f}K" if tps < 1e6 else f"{tps / 1e6:.2f}M"}
+        if "perf/mfu" in self.latest:
+            out["MFU"] = f"{100 * self.latest['perf/mfu']:.1f}%"
+        return out
 
 
 class TimeBudget(Callback):
@@ -226,4 +363,4 @@ class TimeBudget(Callback):
         self.steps, self.step_seconds = state_dict.get("steps"), state_dict.get("step_seconds")
 
 
-__all__ = ["LRMonitor", "PredictionWriter", "TimeBudget"]
+__all__ = ["LRMonitor", "PredictionWriter", "Throughput", "TimeBudget", "peak_flops", "precision_dtype"]

@@ -7,9 +7,9 @@ interpolation. What it adds to LightningCLI:
 
 - the data's ``vocab_size`` and ``seq_len`` are linked into the model (set them once, in ``data``);
 - default callbacks: ``checkpoint`` (a ModelCheckpoint every N steps plus ``last.ckpt``),
-  ``lr_monitor``, ``prediction_writer``; default loggers CSV + TensorBoard (when installed), all
-  under ``<trainer.default_root_dir>/lightning_logs/version_N/`` next to the resolved
-  ``config.yaml``; ``validate``/``test``/``predict`` never write into the working directory
+  ``lr_monitor``, ``throughput`` (tokens/s and MFU), ``prediction_writer``; default loggers CSV +
+  TensorBoard (when installed), all under ``<trainer.default_root_dir>/lightning_logs/version_N/``
+  next to the resolved ``config.yaml``; ``validate``/``test``/``predict`` never write into the working directory
   (without a root they use the checkpoint's run root, see :meth:`LongNetCLI.instantiate_trainer`);
 - ``--ckpt_path`` is checked first (:func:`~longnet_lightning.checkpoint.read_checkpoint`): a
   missing, truncated or damaged file, one that is not a LongNetLM checkpoint, or one naming a model
@@ -48,7 +48,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import checkpoint as ckpt_format
-from .callbacks import LRMonitor, PredictionWriter, ResumeAwareProgressBar, RichBar
+from .callbacks import LRMonitor, PredictionWriter, ResumeAwareProgressBar, RichBar, Throughput
 from .lm import LongNetLM
 
 PARSER_MODE = "omegaconf+"  # interpolation after merging config files and command line
@@ -246,6 +246,7 @@ class LongNetCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LRMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=self._vocab_from_data,
                               apply_on="instantiate")

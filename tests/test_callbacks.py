@@ -1,4 +1,5 @@
-"""TimeBudget: the run length follows from the measured step time, the schedule from the length."""
+"""TimeBudget: the run length follows from the measured step time, the schedule from the length;
+the progress bar reads nothing on the host between logging steps; Throughput's windows."""
 from __future__ import annotations
 
 import time
@@ -7,6 +8,7 @@ from time import localtime, strftime
 
 import lightning as L
 import pytest
+from lightning.pytorch.loggers import Logger
 import torch
 
 from longnet_lightning.callbacks import TimeBudget
@@ -96,13 +98,14 @@ def test_time_budget_never_exceeds_max_steps_and_checks_its_settings(tmp_path, c
 
 def test_training_batches_never_read_tensors_on_the_host(tmp_path, monkeypatch):
     """Between logging steps a training batch reads no tensor value on the host (on a GPU each
-    read waits until every queued kernel has run), and the CLI's bar still shows train/loss.
+    read waits until every queued kernel has run), and the CLI's bar still shows train/loss (and
+    Throughput's tokens/s, from the window closed at a logging step).
     Allowed: AdamW's step counters (CPU tensors on a GPU too), the eager model's token-id range
     check (left out when compiled) and the bar's own read (on a GPU, of its pinned copy once that
     has arrived)."""
     import traceback
 
-    from longnet_lightning.callbacks import ResumeAwareProgressBar
+    from longnet_lightning.callbacks import ResumeAwareProgressBar, Throughput
 
     reads, counting = [], [False]
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
@@ -128,19 +131,21 @@ def test_training_batches_never_read_tensors_on_the_host(tmp_path, monkeypatch):
     class Shown(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             counting[0] = False
-            shown.append(bar.get_metrics(trainer, pl_module).get("train/loss"))
+            shown.append(bar.get_metrics(trainer, pl_module))
 
     lm = LongNetLM(model="tiny", vocab_size=257, seq_len=16, warmup_steps=1)
     data = [{"input_ids": torch.randint(0, 257, (2, 16)), "labels": torch.randint(0, 257, (2, 16))} for _ in range(8)]
-    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, callbacks=[Count(), bar, Shown()],
-                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
-                        log_every_n_steps=4, gradient_clip_val=1.0)
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False,
+                        callbacks=[Count(), Throughput(), bar, Shown()], enable_model_summary=False,
+                        default_root_dir=tmp_path, enable_checkpointing=False, log_every_n_steps=4,
+                        gradient_clip_val=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(lm, torch.utils.data.DataLoader(data, batch_size=None))
     assert reads == [], reads
-    assert len(shown) == 8 and all(isinstance(v, float) for v in shown)
-    assert shown[-1] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    assert len(shown) == 8 and all(isinstance(v.get("train/loss"), float) for v in shown)
+    assert shown[-1]["train/loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    assert "tok/s" not in shown[2] and shown[3]["tok/s"].endswith("K")  # the window of steps 1-4 closed at step 4
     assert lm.tokens_seen == 8 * 2 * 16
 
 
@@ -158,3 +163,84 @@ def test_the_cli_swaps_lightnings_rich_bar_for_one_that_does_not_wait(tmp_path):
                            "--trainer.callbacks.refresh_rate", "3"], run=False)
     bars = [cb for cb in cli.trainer.callbacks if isinstance(cb, RichProgressBar)]
     assert len(bars) == 1 and type(bars[0]) is RichBar and bars[0].refresh_rate == 3
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+class _Recorder(Logger):
+    """A logger that keeps what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, dict]] = []
+
+    name, version = "recorder", 0
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+def test_throughput_logs_tokens_per_second_and_mfu_per_window_without_validation(tmp_path, monkeypatch):
+    """Windows of 2 optimizer steps (2 micro-batches each, 32 tokens per micro-batch); the clock
+    moves 0.5 s per training micro-batch and 100 s per validation batch, which the windows leave out."""
+    import longnet_lightning.callbacks as callbacks
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(callbacks, "time", clock)
+
+    class Tick(L.Callback):
+        def on_train_batch_start(self, *a):
+            clock.now += 0.5
+
+        def on_validation_batch_start(self, *a):
+            clock.now += 100.0
+
+    lm = LongNetLM(model="tiny", vocab_size=257, seq_len=16, warmup_steps=1)
+    data = [{"input_ids": torch.randint(0, 257, (2, 16)), "labels": torch.randint(0, 257, (2, 16))} for _ in range(4)]
+    loader = torch.utils.data.DataLoader(data * 10, batch_size=None)
+    logger, meter = _Recorder(), callbacks.Throughput(every_n_steps=2, peak_tflops=1e-6)
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=logger, callbacks=[meter, Tick()],
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        enable_checkpointing=False, accumulate_grad_batches=2, val_check_interval=6,
+                        limit_val_batches=2, num_sanity_val_steps=0, log_every_n_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(lm, loader, loader)
+    rows = [(step, m) for step, m in logger.rows if any(k.startswith("perf/") for k in m)]
+    # windows: steps 1-2, 2-4 (with a validation of 200 s), 4-6; step 7 closes none
+    assert [step for step, _ in rows] == [1, 3, 5]  # Lightning's step for the metrics of steps 2, 4, 6
+    flops = lm.config.flops_per_token(16)
+    for _, m in rows:
+        assert m["perf/tokens_per_s"] == pytest.approx(64.0)  # 64 tokens per optimizer step of 1 s
+        assert m["perf/step_s"] == pytest.approx(1.0)
+        assert m["perf/mfu"] == pytest.approx(flops * 64.0 / 1e6)
+    assert meter.shown() == {"tok/s": "0.1K", "MFU": f"{100 * flops * 64.0 / 1e6:.1f}%"}
+
+
+def test_throughput_finds_dense_peaks_and_checks_its_settings(monkeypatch):
+    from longnet_lightning.callbacks import Throughput, peak_flops, precision_dtype
+
+    gpu, bf16 = torch.device("cuda", 0), torch.bfloat16
+    for name, want in [("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989.4e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, _n=name: _n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an unknown GPU is said once, by Throughput, not warned here
+            assert peak_flops(gpu, bf16) == want, name
+    assert peak_flops(torch.device("cpu"), bf16) is None and peak_flops(gpu, None) is None
+    assert [precision_dtype(p) for p in ("bf16-mixed", "16-mixed", "32-true", "64-true", "transformer-engine")] == [
+        torch.bfloat16, torch.float16, torch.float32, torch.float64, None]
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        Throughput(every_n_steps=0)
+    with pytest.raises(ValueError, match="peak_tflops=-1"):
+        Throughput(peak_tflops=-1)

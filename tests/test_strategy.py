@@ -16,11 +16,20 @@ from conftest import REPO, tiny_args
 pytestmark = pytest.mark.slow
 
 
+def _rows(root) -> list[dict]:
+    (metrics,) = list(root.glob("lightning_logs/version_*/metrics.csv"))
+    return list(csv.DictReader(metrics.open()))
+
+
 def _losses(root) -> list[tuple[float, float]]:
     """``(train/loss, train/tokens)`` of every logged step."""
-    (metrics,) = list(root.glob("lightning_logs/version_*/metrics.csv"))
-    rows = list(csv.DictReader(metrics.open()))
-    return [(float(r["train/loss"]), float(r["train/tokens"])) for r in rows if r.get("train/loss")]
+    return [(float(r["train/loss"]), float(r["train/tokens"])) for r in _rows(root) if r.get("train/loss")]
+
+
+def _mfu_per_token_rate(root) -> list[float]:
+    """``perf/mfu / perf/tokens_per_s`` of every throughput window: FLOPs per token over the peak
+    of all devices, so it falls with the number of devices and not with the timing."""
+    return [float(r["perf/mfu"]) / float(r["perf/tokens_per_s"]) for r in _rows(root) if r.get("perf/mfu")]
 
 
 def _fit(root, corpus, cache, nproc: int, *extra: str) -> list[float]:
@@ -37,13 +46,22 @@ def _fit(root, corpus, cache, nproc: int, *extra: str) -> list[float]:
 
 
 def test_sequence_parallel_fit_follows_one_process(tmp_path, tiny_corpus, cache_dir):
-    one = _fit(tmp_path / "one", tiny_corpus, cache_dir, 1)
+    """... and the throughput windows count the whole sequence's FLOPs per token over both devices."""
+    one = _fit(tmp_path / "one", tiny_corpus, cache_dir, 1, "--throughput.peak_tflops", "1")
     sp = _fit(tmp_path / "sp", tiny_corpus, cache_dir, 2, "--trainer.strategy",
               "longnet_lightning.distributed.SequenceParallelStrategy",
-              "--trainer.strategy.sequence_parallel_size", "2")
+              "--trainer.strategy.sequence_parallel_size", "2", "--throughput.peak_tflops", "1")
     assert len(one) == len(sp) == 3
     for (a, ta), (b, tb) in zip(one, sp):
         assert abs(a - b) <= 1e-4 * abs(a) and ta == tb, (one, sp)  # tokens_seen counts each token once
+    rate_one, rate_sp = _mfu_per_token_rate(tmp_path / "one"), _mfu_per_token_rate(tmp_path / "sp")
+    assert len(rate_one) == len(rate_sp) == 2  # windows: steps 1-2 and 2-3
+    from longnet_lightning import load_model
+
+    (last,) = (tmp_path / "sp").glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    per_token = load_model(last).config.flops_per_token(64) / 1e12  # the whole 64-token sequence's
+    assert all(abs(r - per_token) <= 1e-9 * r for r in rate_one), (rate_one, per_token)
+    assert all(abs(r - per_token / 2) <= 1e-9 * r for r in rate_sp), (rate_sp, per_token)  # 2 devices
 
 
 def test_data_parallel_fit_counts_every_token_once(tmp_path, tiny_corpus, cache_dir):
