@@ -463,3 +463,61 @@ def test_cli_patterns_document_selection_and_combined_reports(copy_setup, capsys
     with pytest.raises(SystemExit):
         run_cli(capsys, "--ckpt_path", copy_setup["dense"], "--patterns", "bogus")
     assert "is not a pattern" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _without_timings(report: dict) -> dict:
+    """A report without what differs between runs of the same numbers: when, how, how long."""
+    out = {k: v for k, v in report.items() if k not in ("created", "command")}
+    out["models"] = [{**m, "results": [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_second")}
+                                       for r in m["results"]]} for m in report["models"]]
+    return out
+
+
+def test_an_interrupted_evaluation_resumes_to_the_report_of_an_uninterrupted_one(copy_setup, capsys, tmp_path,
+                                                                                 monkeypatch):
+    """Killed during its third result, the same command with --resume computes only the results
+    not yet kept, and writes the report an uninterrupted run writes; a result whose settings
+    differ (here the batching) is computed again, and a line cut short is skipped."""
+    import longnet_lightning.evaluation.command as command
+
+    args = ("--ckpt_path", copy_setup["longnet"], copy_setup["dense"], "--context_lengths", 16, 64,
+            "--cache_dir", copy_setup["cache"], "--bootstrap_resamples", 200)
+    code, _, stderr = run_cli(capsys, *args, "--out_dir", tmp_path / "whole")
+    assert code == 0, stderr
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+
+    real, calls = command.evaluate_perplexity, []
+
+    def counted(*a, **k):
+        calls.append(a[2])  # the context length
+        if stop_at is not None and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(command, "evaluate_perplexity", counted)
+    out, stop_at = tmp_path / "cut", 3
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(capsys, *args, "--out_dir", out)
+    assert len((out / command.CELLS).read_text().splitlines()) == 2 and not (out / "results.json").exists()
+
+    calls.clear()
+    stop_at = None
+    code, _, stderr = run_cli(capsys, *args, "--out_dir", out, "--resume")
+    assert code == 0, stderr
+    assert len(calls) == 2 and stderr.count("(finished by the interrupted run)") == 2, stderr
+    assert "resume: 2 finished result(s)" in stderr
+    assert _without_timings(json.loads((out / "results.json").read_text())) == _without_timings(whole)
+
+    calls.clear()
+    with open(out / command.CELLS, "a") as f:
+        f.write('{"key": "cut sh')  # a write the interruption cut short
+    code, _, stderr = run_cli(capsys, *args, "--out_dir", out, "--resume", "--batch_size", 2)
+    assert code == 0, stderr
+    assert len(calls) == 4 and "1 unreadable line(s) skipped" in stderr  # other batching: nothing taken
+    calls.clear()
+    code, _, stderr = run_cli(capsys, *args, "--out_dir", out)  # without --resume: a fresh run
+    assert code == 0 and len(calls) == 4, stderr
+    assert "--out_dir of the interrupted run" in error_of(capsys, *args, "--resume")

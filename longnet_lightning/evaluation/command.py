@@ -27,6 +27,11 @@ intervals and paired differences (between context lengths of a model, between mo
 ``table.md`` (rows: models, columns: context lengths), ``loss_by_position.csv`` and
 ``loss_by_position.png``; the tables are printed at the end.
 
+Interrupted runs continue: each result (one model, pattern, protocol and context length) is
+added to ``--out_dir``'s ``cells.jsonl`` as soon as it is finished, and the same command with
+``--resume`` takes those instead of recomputing them, when every setting that determines a
+result is the same (:class:`Cells`). The report is then the one an uninterrupted run writes.
+
 Data: ``--data_path`` takes files, folders (recursive), globs and JSON Lines (``--text_field``), or
 ``stdlib`` / ``site-packages`` for a built-in corpus; each checkpoint tokenises it with its own tokenizer. Without
 ``--data_path`` the data the first checkpoint was trained on is used (its saved data-module settings),
@@ -38,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -221,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out_dir", help="where to write results.json, table.md, loss_by_position.{csv,png} "
                    "(default eval/<date-time>)")
     r.add_argument("--no_progress", action="store_true", help="no progress bars")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out_dir: the results it finished (kept in its cells.jsonl) "
+                        "are taken, not recomputed, where every setting that determines them is the same")
     return p
 
 
@@ -603,6 +613,97 @@ def protocol_description(stride: int | str | None, pack: bool) -> str:
             "Loss by position: mean NLL of the targets predicted from p tokens of context, p in log-spaced buckets.")
 
 
+# ----------------------------------------------------------------------------- resuming
+
+
+CELLS = "cells.jsonl"
+
+
+def data_signature(data: EvalData) -> str:
+    """A hash of exactly what is scored: every document's name and token ids, in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, doc in zip(data.names, data.docs):
+        arr = np.ascontiguousarray(doc)
+        h.update(f"{name}\0{arr.dtype}\0{len(arr)}\0".encode())
+        h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def cell_key(ckpt: Checkpoint, config, data_sig: str, protocol: str, context: int, stride: int | None,
+             edges: np.ndarray, args: argparse.Namespace, device: torch.device, group) -> str:
+    """Everything that determines one result, as one string: the checkpoint file (path, size,
+    modification time), the model's settings (its pattern included), the scored tokens and the
+    tokenizer, the protocol, the loss-by-position buckets, the precision, the device kind, the
+    batching and the number of ranks."""
+    import torch.distributed as dist
+
+    from .. import __version__
+
+    st = os.stat(ckpt.path)
+    return json.dumps({
+        "checkpoint": [os.path.abspath(ckpt.path), st.st_size, st.st_mtime_ns],
+        "config": config.to_dict(), "tokenizer": ckpt.tokenizer.fingerprint(), "data": data_sig,
+        "protocol": protocol, "context": context, "stride": stride, "buckets": [int(e) for e in edges],
+        "precision": resolve_precision(args.precision, device), "device": device.type,
+        "batch": [args.batch_size, args.batch_tokens], "ranks": dist.get_world_size(group) if group else 1,
+        "version": __version__,
+    }, sort_keys=True, default=str)
+
+
+class Cells:
+    """The results an evaluation has finished, one JSON line each in ``<out_dir>/cells.jsonl``.
+
+    A fresh run starts the file empty; with ``resume`` the lines already there are read (a last
+    line cut short by the interruption is skipped, and said). Only the first rank reads and
+    writes; under a sequence group it tells the others, result by result, what it found, so all
+    ranks skip or compute the same results.
+    """
+
+    def __init__(self, out_dir: Path | None, resume: bool, group=None):
+        self.path = None if out_dir is None else Path(out_dir) / CELLS
+        self.group, self.done = group, {}
+        if self.path is None or not _is_main():
+            return
+        if not resume:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("", encoding="utf-8")
+            return
+        if not self.path.exists():
+            _log(f"resume: {self.path} does not exist yet: nothing finished to take, evaluating everything")
+            return
+        bad = 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                self.done[row["key"]] = row["result"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                bad += 1
+        _log(f"resume: {len(self.done)} finished result(s) in {self.path}"
+             + (f"; {bad} unreadable line(s) skipped (a write cut short), their results are computed again"
+                if bad else ""))
+
+    def get(self, key: str) -> dict | None:
+        """The stored result for ``key`` (the first rank's answer, on every rank), or None."""
+        found = self.done.get(key)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            box = [found]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            found = box[0]
+        return found
+
+    def add(self, key: str, result: dict) -> None:
+        """Keep a finished result: one line, flushed to disk before the next result starts."""
+        self.done[key] = result
+        if self.path is None or not _is_main():
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "result": result}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -662,8 +763,9 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    """Evaluate; returns the report dict (also written to --out_dir)."""
+def run(args: argparse.Namespace, argv: list[str], out_dir: Path | None = None) -> dict:
+    """Evaluate; returns the report dict (main writes it to ``out_dir``, where each finished result
+    is also kept as it finishes, for ``--resume``)."""
     if args.from_results:
         if args.ckpt_path:
             raise EvaluationError("give --ckpt_path or --from_results, not both.")
@@ -738,13 +840,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     protocols = [("non-overlapping", None)] + ([("sliding", args.stride)] if args.stride is not None else [])
 
     edges = bucket_edges(max(contexts), args.buckets_per_doubling)
+    cells = Cells(out_dir, args.resume, group)
+    signatures = {fp: data_signature(d) for fp, d in data_by_tokenizer.items()}
     models = []
     for name, c, rows in zip(names, ckpts, variants):
         data = data_by_tokenizer[c.tokenizer.fingerprint()]
         done: dict[tuple, dict] = {}  # (protocol, context, effective pattern) -> result, shared across rows
         for row in rows:
             c.config = row.config
-            net = c.build(device)
+            net = None  # built for the first result not taken from an interrupted run
             results = []
             for protocol, stride in protocols:
                 for n in contexts:
@@ -753,17 +857,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                         results.append({**done[key], "pattern": row.pattern, "same_as": done[key]["row"]})
                         continue
                     s = stride_for(stride, n)
-                    res = evaluate_perplexity(
-                        net, data.docs, n, s, token_bytes=data.token_bytes, batch_size=args.batch_size,
-                        batch_tokens=args.batch_tokens, precision=args.precision,
-                        progress=not args.no_progress and _is_main(),
-                        desc=f"{row.name} @ {context_label(n)}" + (f" stride {s}" if s else ""), group=group,
-                    )
-                    bpb = f"  bits/byte {res.bits_per_byte:.4f}" if res.bits_per_byte is not None else ""
-                    _log(f"{row.name} @ {context_label(n)} {protocol}: perplexity {res.perplexity:.4f}  mean NLL "
-                         f"{res.mean_nll:.4f}{bpb}  ({res.tokens:,} targets, {res.windows:,} windows, "
-                         f"{res.seconds:.1f} s)")
-                    done[key] = {**res.summary(), "protocol": protocol, "buckets": res.buckets(edges), "row": row.name}
+                    ckey = cell_key(c, row.config, signatures[c.tokenizer.fingerprint()], protocol, n, s, edges,
+                                    args, device, group)
+                    cell, earlier = cells.get(ckey), " (finished by the interrupted run)"
+                    if cell is None:
+                        net = net or c.build(device)
+                        res = evaluate_perplexity(
+                            net, data.docs, n, s, token_bytes=data.token_bytes, batch_size=args.batch_size,
+                            batch_tokens=args.batch_tokens, precision=args.precision,
+                            progress=not args.no_progress and _is_main(),
+                            desc=f"{row.name} @ {context_label(n)}" + (f" stride {s}" if s else ""), group=group,
+                        )
+                        cell, earlier = {**res.summary(), "protocol": protocol, "buckets": res.buckets(edges)}, ""
+                        cells.add(ckey, cell)
+                    bpb = f"  bits/byte {cell['bits_per_byte']:.4f}" if cell["bits_per_byte"] is not None else ""
+                    _log(f"{row.name} @ {context_label(n)} {protocol}: perplexity {cell['perplexity']:.4f}  mean NLL "
+                         f"{cell['mean_nll']:.4f}{bpb}  ({cell['tokens']:,} targets, {cell['windows']:,} windows, "
+                         f"{cell['seconds']:.1f} s){earlier}")
+                    done[key] = {**cell, "row": row.name}
                     results.append({**done[key], "pattern": row.pattern})
             info = c.info()
             trained = trained_configs[ckpts.index(c)]
@@ -813,8 +924,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 def combine_reports(paths: list[Path], argv: list[str], resamples: int, confidence: float) -> dict:
     """One report from the results.json of several evaluations of the same documents."""
-    import json
-
     reports = []
     for p in paths:
         try:
@@ -862,7 +971,9 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args.out_dir or Path("eval") / time.strftime("%Y%m%d-%H%M%S"))
         if out_dir.exists() and not out_dir.is_dir():
             raise EvaluationError(f"--out_dir {str(out_dir)!r} is a file; give a folder.")
-        report = run(args, argv)
+        if args.resume and args.out_dir is None:
+            raise EvaluationError("--resume continues the run in --out_dir; give the --out_dir of the interrupted run.")
+        report = run(args, argv, out_dir)
         if not _is_main():  # ranks of a sequence group computed the same report: one writes it
             return 0
         paths = write_report(report, out_dir)
@@ -895,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_parser", "main", "read_model_checkpoint", "run"]
+__all__ = ["Cells", "build_parser", "main", "read_model_checkpoint", "run"]
 
 
 if __name__ == "__main__":
