@@ -14,6 +14,8 @@ It checks, in bf16 and fp32 (relative L2 error of outputs and gradients against 
 - ``dilated_attention`` compiled (``torch.compile(fullgraph=True)``: the registered operator);
 - the fused LM head + cross-entropy (Triton row passes) against float64;
 - the fused GELU + sub-LayerNorm (Triton forward and backward) against float64;
+- CUDA graphs in Lightning's loop (``LongNetLM(cuda_graphs=True)``): gradients accumulated over
+  micro-batches against the same run without CUDA graphs and against a plain loop;
 - sequence-parallel attention and a whole-model training step on two processes sharing the GPU
   (``gloo`` on CUDA tensors), against one process on the whole sequence.
 """
@@ -362,9 +364,97 @@ def check_model_step(rows, world=2, n=49152):
     rows.append(("125M step (loss, 4 grads), 2 procs vs 1", "bf16", f"N={n}", f"{max(e):.2e}", max(e) < 2e-2))
 
 
+def _lightning_lm(graphs: bool | None):
+    """The LongNetLM of check_graphs: CUDA graphs (True), compiled only (False) or eager (None)."""
+    from longnet_lightning import LongNetLM
+
+    torch.manual_seed(0)
+    return LongNetLM(model="125M", vocab_size=256, overrides={"n_layer": 2}, compile=graphs is not None,
+                     cuda_graphs=bool(graphs), warmup_steps=0, lr=1e-3)
+
+
+def _grads_in_lightning(graphs: bool, batches, keep_buffers: bool = True):
+    """The initial weights, and the accumulated gradients at each optimizer step, of a compiled
+    2-layer 125M-wide LongNetLM in Lightning's loop (bf16-mixed, 4 micro-batches per step), with or
+    without CUDA graphs; ``keep_buffers=False`` leaves out what makes CUDA graphs safe there."""
+    import lightning as L
+
+    seen, start, val = [], {}, []
+
+    class Grads(L.Callback):
+        def on_train_start(self, trainer, module):
+            start.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):  # before clipping
+            seen.append({k: p.grad.detach().float().clone() for k, p in module.named_parameters()})
+
+        def on_validation_epoch_end(self, trainer, module):
+            val.append(float(trainer.callback_metrics["val/loss"]))
+
+    lm = _lightning_lm(graphs)
+    if not keep_buffers:
+        lm.on_train_batch_start = lambda *a: None
+        lm.optimizer_zero_grad = lambda epoch, batch_idx, opt: opt.zero_grad(set_to_none=True)
+    # validation after every 4 micro-batches: the loop switches between training and evaluation graphs
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=len(batches) // 4,
+                        accumulate_grad_batches=4, gradient_clip_val=2.0, val_check_interval=4, limit_val_batches=2,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Grads()])
+    torch._dynamo.reset()
+    loader = lambda bs: torch.utils.data.DataLoader(bs, batch_size=None)  # noqa: E731
+    trainer.fit(lm, train_dataloaders=loader(batches), val_dataloaders=loader(batches[:2]))
+    return seen, start, val
+
+
+def _flat(grads: dict) -> torch.Tensor:
+    return torch.cat([g.flatten() for _, g in sorted(grads.items())])
+
+
+def check_graphs(rows, n=8192, steps=3):
+    """CUDA graphs in Lightning's loop: each optimizer step's gradients (4 micro-batches summed)
+    equal those of the same compiled run without CUDA graphs, and the first step's those of a
+    plain eager loop over the same micro-batches from the same weights."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": x, "labels": torch.roll(x, -1, 1)} for x in
+               (torch.randint(0, 256, (1, n), generator=g) for _ in range(4 * steps))]
+    skips = counters["inductor"]["cudagraph_skips"]
+    graphs, start, val_graphs = _grads_in_lightning(True, batches)
+    skipped = counters["inductor"]["cudagraph_skips"] - skips
+    compiled, _, val_compiled = _grads_in_lightning(False, batches)
+    worst = max(rel(_flat(a), _flat(b)) for a, b in zip(graphs, compiled))
+    rows.append(("Lightning, CUDA graphs vs compiled, accumulated", "bf16", f"{steps} steps, N={n}",
+                 f"{worst:.2e}" + (f" ({skipped} graph skips)" if skipped else ""),
+                 worst < 1e-2 and len(graphs) == len(compiled) == steps and not skipped))
+    val_err = max(abs(a - b) / abs(b) for a, b in zip(val_graphs, val_compiled))
+    rows.append(("Lightning, CUDA graphs vs compiled, val loss", "bf16", f"{len(val_graphs)} validations",
+                 f"{val_err:.2e}", val_err < 1e-3 and len(val_graphs) == len(val_compiled) == steps))
+    ref = _lightning_lm(None)  # eager, by hand: Lightning's loss over 4 accumulated batches
+    ref.configure_model()
+    ref.load_state_dict(start)
+    ref.cuda()
+    for b in batches[:4]:
+        b = {k: v.cuda() for k, v in b.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ref.token_nll(b, reduction="sum") / (b["labels"] != -100).sum()
+        (loss / 4).backward()
+    err = rel(_flat(graphs[0]), _flat({k: p.grad.float() for k, p in ref.named_parameters()}))
+    rows.append(("Lightning, CUDA graphs vs eager loop, step 1", "bf16", f"N={n}", f"{err:.2e}",
+                 err < BOUND[torch.bfloat16]))
+    try:
+        control, _, _ = _grads_in_lightning(True, batches, keep_buffers=False)
+        what = f"{max(rel(_flat(a), _flat(b)) for a, b in zip(control, compiled)):.2e}"
+    except Exception as e:  # noqa: BLE001 - the failure this control may meet
+        what = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:60]}"
+    print("control, CUDA graphs without kept gradient buffers:", what)
+    rows.append(("Lightning, CUDA graphs, no kept buffers (info)", "bf16", f"N={n}", what, True))
+
+
 def main(argv=None) -> int:
     checks = {f.__name__: f for f in (check_rectangular, check_single, check_overlap, check_compiled, check_loss,
-                                      check_gelu_norm, check_sequence_parallel, check_model_step, time_paper_pattern)}
+                                      check_gelu_norm, check_graphs, check_sequence_parallel, check_model_step,
+                                      time_paper_pattern)}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(checks), help="run only these checks (default: all)")
     args = p.parse_args(argv)

@@ -14,6 +14,9 @@ number is the wall time between the two divided by ``measure``.
 ``--syncs N``: for N micro-batches after ``skip``, every operation that makes the host wait for
 the GPU (``torch.cuda.set_sync_debug_mode``) is counted by where it was called from. A sync in
 each micro-batch stops the host from queueing the next one while the GPU works.
+
+The recipe's own ``Throughput`` callback runs with windows of one optimizer step; its last window
+(what the training logs would show as ``perf/tokens_per_s`` and ``perf/mfu``) is a row of its own.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .common import require_cuda
-from .train_throughput import mfu, run_config
+from .train_throughput import MODES, mfu, run_config
 
 
 def _sync() -> None:
@@ -45,6 +48,12 @@ class StepTimer(Callback):
         self.t0 = self.seconds = None
         self.sites: collections.Counter = collections.Counter()
         self._show = None
+        self.logged: dict = {}  # the Throughput callback's last window
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.num_training_batches < self.skip + self.measure + 1:  # batch_idx restarts each epoch
+            raise ValueError(f"--skip {self.skip} + --measure {self.measure} micro-batches do not fit in one epoch of "
+                             f"{trainer.num_training_batches}; lower them or use more data")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == self.skip:
@@ -60,9 +69,16 @@ class StepTimer(Callback):
             _sync()
             self.seconds = (time.perf_counter() - self.t0) / self.measure
             self.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+            # reserved: also the CUDA graphs' memory pools, which hold their tensors between replays
+            self.reserved_gib = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
             self.config = pl_module.model.config
             self.shape = tuple(batch["input_ids"].shape)  # [B, T] of one micro-batch
             trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from longnet_lightning.callbacks import Throughput
+
+        self.logged = next((cb.latest for cb in trainer.callbacks if isinstance(cb, Throughput)), {})
 
     def _start_sync_log(self):
         self._show = warnings.showwarning
@@ -71,7 +87,10 @@ class StepTimer(Callback):
             if "synchroniz" not in str(message):
                 return self._show(message, category, filename, lineno, file, line)
             frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
-            outside = [f for f in frames if "/torch/" not in f.filename][-3:]  # the innermost callers
+            # the innermost callers outside torch itself (Lightning's frames count: its loop may sync)
+            outside = [f for f in frames if "/site-packages/torch/" not in f.filename][-4:]
+            if outside and outside[-1].name == "_start_sync_log":
+                return  # the switch itself, not the training loop
             self.sites[" < ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in reversed(outside))] += 1
 
         warnings.showwarning = record
@@ -93,7 +112,7 @@ def run_recipe(config: str, skip: int, measure: int, syncs: int, extra: list[str
                 "--trainer.max_steps", "-1", "--trainer.max_epochs", "-1",
                 "--trainer.limit_train_batches", str(skip + measure + 1), "--trainer.enable_progress_bar", "true",
                 "--checkpoint.every_n_train_steps", "1000000", "--checkpoint.save_last", "false",
-                "--model.decay_steps", "1000", *extra]
+                "--model.decay_steps", "1000", "--throughput.every_n_steps", "1", *extra]
         t = time.perf_counter()
         cli_main(args, trainer_defaults={"callbacks": [timer]})
         total = time.perf_counter() - t
@@ -104,7 +123,7 @@ def run_recipe(config: str, skip: int, measure: int, syncs: int, extra: list[str
     tps = bsz * context / timer.seconds
     return dict(where="recipe", config=config, extra=extra, batch=bsz, context=context,
                 micro_batch_s=timer.seconds, tokens_per_s=tps, mfu=mfu(timer.config.flops_per_token(context), tps),
-                peak_gib=timer.peak_gib, run_s=total, syncs=dict(timer.sites)), timer.config
+                peak_gib=timer.peak_gib, reserved_gib=timer.reserved_gib, run_s=total, syncs=dict(timer.sites), logged=timer.logged), timer.config
 
 
 def main():
@@ -115,13 +134,19 @@ def main():
     ap.add_argument("--measure", type=int, default=32, help="micro-batches timed")
     ap.add_argument("--syncs", type=int, default=2, help="micro-batches whose host syncs are counted")
     ap.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="further recipe overrides (last)")
-    ap.add_argument("--bare", choices=["compiled", "graphs", "eager", "none"], default="compiled",
+    ap.add_argument("--bare", choices=[*MODES, "none"], default="compiled",
                     help="also time train_throughput's bare step of the same model in this mode")
     ap.add_argument("--json", default="recipe_throughput.json")
     args = ap.parse_args()
     require_cuda("benchmarks.recipe_throughput")
     rec, cfg = run_recipe(args.config, args.skip, args.measure, args.syncs, args.set)
     rows = [rec]
+    if rec["logged"]:
+        tps = rec["logged"]["perf/tokens_per_s"]
+        rows.append(dict(where="recipe, its Throughput log (last optimizer step)",
+                         micro_batch_s=rec["batch"] * rec["context"] / tps, tokens_per_s=tps,
+                         mfu=rec["logged"].get("perf/mfu", float("nan")), peak_gib=rec["peak_gib"],
+                         reserved_gib=rec["reserved_gib"]))
     if args.bare != "none":
         b = run_config(cfg, rec["context"], rec["batch"] * rec["context"], 8, args.bare)
         rows.append(dict(where=f"bare step ({args.bare})", micro_batch_s=b.get("step_s"),
@@ -131,13 +156,13 @@ def main():
         json.dump(rows, f, indent=1, default=str)
     for site, count in sorted(rec["syncs"].items(), key=lambda kv: -kv[1]):
         print(f"sync x{count}: {site}")
-    print("| where | s per micro-batch | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|")
+    print("| where | s per micro-batch | tokens/s | MFU | peak GiB | reserved GiB |\n|---|---|---|---|---|---|")
     for r in rows:
         if r.get("micro_batch_s") is None:
-            print(f"| {r['where']} | {r.get('error')} | | | |")
+            print(f"| {r['where']} | {r.get('error')} | | | | |")
             continue
         print(f"| {r['where']} | {r['micro_batch_s']:.4f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
-              f"{r['peak_gib']:.1f} |")
+              f"{r['peak_gib']:.1f} | {r.get('reserved_gib', float('nan')):.1f} |")
 
 
 if __name__ == "__main__":

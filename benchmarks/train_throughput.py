@@ -8,7 +8,11 @@ One optimizer step = forward + backward + gradient clipping + AdamW (fused), bf1
 batch = max(1, tokens // context). Modes:
 * ``eager``;
 * ``compiled``: ``torch.compile(model.loss)``, what ``LongNetLM(compile=True)`` does;
-* ``graphs``: the same with CUDA graphs (``mode="reduce-overhead"``).
+* ``graphs``: the same with CUDA graphs (``mode="reduce-overhead"``), what ``LongNetLM(compile=True,
+  cuda_graphs=True)`` does;
+* ``autotune``: ``mode="max-autotune-no-cudagraphs"`` (Inductor times Triton GEMM templates against
+  cuBLAS for each matrix shape; slow to compile);
+* ``autotune-graphs``: ``mode="max-autotune"`` (the same, with CUDA graphs).
 MFU = model FLOPs per token (LongNetConfig.flops_per_token: 6 x matmul parameters incl. the LM
 head, plus attention as docs/semantics.md counts it, backward = 2.5 x forward) x tokens/s / peak,
 with the GPU's dense bf16 peak (``callbacks.peak_flops``, the denominator of the training logs'
@@ -28,7 +32,13 @@ from longnet_lightning.model import LongNet, LongNetConfig
 
 from .common import bench_ms, require_cuda, wall_s
 
-MODES = ("eager", "compiled", "graphs")
+MODES = ("eager", "compiled", "graphs", "autotune", "autotune-graphs")
+COMPILE_MODE = {"compiled": None, "graphs": "reduce-overhead", "autotune": "max-autotune-no-cudagraphs",
+                "autotune-graphs": "max-autotune"}
+
+
+def _graphed(mode) -> bool:
+    return mode in ("graphs", "autotune-graphs")
 
 
 def mfu(flops_per_token: float, tokens_per_s: float) -> float:
@@ -40,7 +50,7 @@ def mfu(flops_per_token: float, tokens_per_s: float) -> float:
 def _loss_fn(model, mode):
     if mode == "eager":
         return model.loss
-    return torch.compile(model.loss, mode="reduce-overhead" if mode == "graphs" else None)
+    return torch.compile(model.loss, mode=COMPILE_MODE[mode])
 
 
 def _graph_breaks() -> int:
@@ -75,7 +85,7 @@ def run_config(cfg: LongNetConfig, context, tokens, steps, mode) -> dict:
     breaks = _graph_breaks()
 
     def step():
-        if mode == "graphs":
+        if _graphed(mode):
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(idx, idx)
@@ -113,8 +123,8 @@ def check(model_name, vocab, context, mode, settings=None, seed=0):
     labels = idx.roll(-1, 1)
     labels[:, -1] = -100
     fn = _loss_fn(fast, mode)
-    for _ in range(2 if mode == "graphs" else 1):  # CUDA graphs record on a later call
-        if mode == "graphs":
+    for _ in range(2 if _graphed(mode) else 1):  # CUDA graphs record on a later call
+        if _graphed(mode):
             torch.compiler.cudagraph_mark_step_begin()
         fast.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):

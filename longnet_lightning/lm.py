@@ -29,6 +29,20 @@ from .optim import lr_factor, weight_decay_groups
 # ----------------------------------------------------------------------------- helpers
 
 
+def keep_gradient_buffers(parameters) -> None:
+    """Give every trainable parameter without one a zero ``.grad`` of its own.
+
+    Autograd adopts the first gradient of a parameter whose ``.grad`` is None as that ``.grad``
+    (no copy). Under CUDA graphs that gradient is a replay's output, living in the graphs' memory,
+    which the next micro-batch's replay overwrites: an accumulated gradient would be corrupted.
+    With a buffer already there, every gradient is added into it in place instead. (LongNet's
+    parameters all receive gradients, so the zero buffers change no update.)
+    """
+    for p in parameters:
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def _data_tokenizer(datamodule: Any):
     """The data module's tokenizer (an object with ``spec()``), or None if it has none."""
     if datamodule is None:
@@ -96,6 +110,11 @@ class LongNetLM(L.LightningModule):
             Trainer's ``max_steps`` (or its estimated total steps for epoch-based runs).
         decay_power: power of the polynomial decay (1.0 = linear).
         compile: ``torch.compile`` the model's loss (training and evaluation).
+        cuda_graphs: also replay the compiled loss as CUDA graphs (``torch.compile``'s
+            ``mode="reduce-overhead"``), so the host no longer launches each kernel: it bounds
+            short-context steps. Needs ``compile``, one CUDA device and fixed batch shapes. The
+            parameters' gradient buffers are then kept between steps (zeroed, not freed), so a
+            replay never overwrites a gradient being accumulated over micro-batches.
         max_new_tokens: tokens to generate per prompt in ``predict``.
         temperature: sampling temperature; 0 means greedy decoding.
         top_k: sample only among the k most likely tokens (None: all).
@@ -126,6 +145,7 @@ class LongNetLM(L.LightningModule):
         decay_steps: int | None = None,
         decay_power: float = 1.0,
         compile: bool = False,
+        cuda_graphs: bool = False,
         max_new_tokens: int = 256,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -151,6 +171,8 @@ class LongNetLM(L.LightningModule):
                 f"warmup_steps={warmup_steps} and weight_decay={weight_decay} must be >= 0, "
                 f"decay_power={decay_power} > 0 and temperature={temperature} >= 0"
             )
+        if cuda_graphs and not compile:
+            raise ValueError("cuda_graphs=True replays the compiled loss: set compile=True too (or cuda_graphs=False)")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas={betas} must be two numbers in [0, 1)")
         self.model_config(vocab_size=vocab_size or 2)  # check the settings now; the model is built later
@@ -195,7 +217,26 @@ class LongNetLM(L.LightningModule):
             self._sizes_from_data()
             self.model = LongNet(self.model_config())
         if self.hparams.compile and self._loss_fn is None:
-            self._loss_fn = torch.compile(self.model.loss)
+            self._loss_fn = torch.compile(self.model.loss, mode="reduce-overhead" if self._graphs else None)
+
+    @property
+    def _graphs(self) -> bool:
+        return bool(self.hparams.get("cuda_graphs", False))
+
+    def _compiled_loss(self, x: torch.Tensor):
+        """The compiled loss, or None; with CUDA graphs, each call starts a new replay (its
+        outputs are read before the next one, so they may share the graphs' memory)."""
+        if self._loss_fn is None or not self._graphs:
+            return self._loss_fn
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            raise ValueError(f"model.cuda_graphs=true runs on one device, but this run has {world} processes; "
+                             "set model.cuda_graphs=false")
+        if x.device.type != "cuda":
+            raise ValueError(f"model.cuda_graphs=true needs a CUDA device, but the batch is on {x.device}; "
+                             "set model.cuda_graphs=false")
+        torch.compiler.cudagraph_mark_step_begin()
+        return self._loss_fn
 
     @property
     def tokens_seen(self) -> int:
@@ -272,7 +313,7 @@ class LongNetLM(L.LightningModule):
         x, y = batch["input_ids"], batch["labels"]
         if group is not None:
             return self.model.loss(x, y, reduction=reduction, group=group)
-        fn = self._loss_fn or self.model.loss
+        fn = self._compiled_loss(x) or self.model.loss
         return fn(x, y, reduction=reduction)
 
     def _local_batch(self, batch: dict[str, torch.Tensor]):
@@ -401,6 +442,16 @@ class LongNetLM(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------ gradient buffers
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._graphs:
+            keep_gradient_buffers(self.parameters())
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # With CUDA graphs a gradient must never *be* a replay's output (see keep_gradient_buffers).
+        optimizer.zero_grad(set_to_none=not self._graphs)
 
     # ------------------------------------------------------------------ optimizer
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import lightning as L
 import pytest
@@ -248,3 +249,62 @@ def test_training_step_trains_on_the_summed_loss_operator(monkeypatch):
     trainer.fit(lm, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
     assert calls == [1]
     torch.testing.assert_close(seen["loss"], want, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+def _replayed_gradients(module: torch.nn.Module) -> None:
+    """Make every parameter's gradient arrive as a CUDA-graph replay's would: a fresh tensor on a
+    static buffer that the next backward overwrites."""
+    def hook(p):
+        static = torch.zeros_like(p)
+        return lambda g: static.copy_(g).view_as(static)
+
+    for p in module.parameters():
+        p.register_hook(hook(p))
+
+
+def _fit_accumulating(lm: LongNetLM, static: bool) -> dict[str, torch.Tensor]:
+    lm.configure_model()
+    if static:
+        _replayed_gradients(lm.model)
+    batches = [_batch(b=3, t=24, seed=s) for s in range(6)]
+    trainer = L.Trainer(max_steps=2, accumulate_grad_batches=3, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(lm, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return {k: v.clone() for k, v in lm.state_dict().items()}
+
+
+def test_cuda_graphs_keep_gradient_buffers_so_accumulation_survives_replays(monkeypatch):
+    """Gradients accumulated over micro-batches are exact even when each backward's gradients live
+    in memory the next one overwrites (CUDA graphs): with ``cuda_graphs`` every ``.grad`` is a buffer
+    of its own, added into, never the replay's output itself. Without it they would be corrupted."""
+    monkeypatch.setattr(LongNetLM, "_compiled_loss", lambda self, x: None)  # the CPU runs the eager loss
+    want = _fit_accumulating(_lm(warmup_steps=0, lr=1e-2), static=False)
+    graphs = _fit_accumulating(_lm(warmup_steps=0, lr=1e-2, compile=True, cuda_graphs=True), static=True)
+    broken = _fit_accumulating(_lm(warmup_steps=0, lr=1e-2), static=True)
+    for k, v in want.items():
+        torch.testing.assert_close(graphs[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert any(not torch.allclose(broken[k], v) for k, v in want.items())
+
+
+def test_keep_gradient_buffers_allocates_only_missing_trainable_gradients():
+    from longnet_lightning.lm import keep_gradient_buffers
+
+    a, b, frozen = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(
+        torch.ones(1), requires_grad=False)
+    b.grad = g = torch.full((2,), 5.0)
+    keep_gradient_buffers([a, b, frozen])
+    assert torch.equal(a.grad, torch.zeros(3)) and b.grad is g and frozen.grad is None
+
+
+def test_cuda_graphs_settings_say_what_they_need():
+    with pytest.raises(ValueError, match="compile=True"):
+        LongNetLM(cuda_graphs=True)
+    lm = _lm(compile=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="needs a CUDA device.*cuda_graphs=false"):
+        lm.token_nll(_batch())
+    lm._trainer = types.SimpleNamespace(world_size=2)  # what a DDP run's trainer says
+    with pytest.raises(ValueError, match="one device, but this run has 2 processes"):
+        lm.token_nll(_batch())
