@@ -17,12 +17,18 @@ each micro-batch stops the host from queueing the next one while the GPU works.
 
 The recipe's own ``Throughput`` callback runs with windows of one optimizer step; its last window
 (what the training logs would show as ``perf/tokens_per_s`` and ``perf/mfu``) is a row of its own.
+
+``--profile N``: after the timed micro-batches, N more run under ``torch.profiler``; it prints how
+busy the GPU was between its first and last kernel of those N (the union of kernel intervals over
+that span: below 100% the GPU waited for the host), kernels per micro-batch, and the
+kernels that took the most time (the whole table goes to ``--json``'s folder as a ``.txt``).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import os
 import tempfile
 import time
 import traceback
@@ -43,17 +49,18 @@ def _sync() -> None:
 class StepTimer(Callback):
     """Wall time of micro-batches ``skip + 1 .. skip + measure``, and the host syncs of the first ``syncs``."""
 
-    def __init__(self, skip: int, measure: int, syncs: int = 0):
-        self.skip, self.measure, self.syncs = skip, measure, syncs
+    def __init__(self, skip: int, measure: int, syncs: int = 0, profile: int = 0):
+        self.skip, self.measure, self.syncs, self.profile = skip, measure, syncs, profile
+        self.prof = None
         self.t0 = self.seconds = None
         self.sites: collections.Counter = collections.Counter()
         self._show = None
         self.logged: dict = {}  # the Throughput callback's last window
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.num_training_batches < self.skip + self.measure + 1:  # batch_idx restarts each epoch
-            raise ValueError(f"--skip {self.skip} + --measure {self.measure} micro-batches do not fit in one epoch of "
-                             f"{trainer.num_training_batches}; lower them or use more data")
+        if trainer.num_training_batches < self.skip + self.measure + self.profile + 1:  # batch_idx restarts each epoch
+            raise ValueError(f"--skip {self.skip} + --measure {self.measure} + --profile {self.profile} micro-batches "
+                             f"do not fit in one epoch of {trainer.num_training_batches}; lower them or use more data")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == self.skip:
@@ -73,6 +80,15 @@ class StepTimer(Callback):
             self.reserved_gib = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
             self.config = pl_module.model.config
             self.shape = tuple(batch["input_ids"].shape)  # [B, T] of one micro-batch
+            if self.profile:
+                self.prof = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+            else:
+                trainer.should_stop = True
+        if self.profile and batch_idx == self.skip + self.measure + self.profile:
+            _sync()
+            self.prof.__exit__(None, None, None)
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -102,15 +118,30 @@ class StepTimer(Callback):
         warnings.showwarning = self._show
 
 
-def run_recipe(config: str, skip: int, measure: int, syncs: int, extra: list[str]) -> dict:
+def gpu_busy(prof, micro_batches: int) -> dict:
+    """How busy the GPU was in a profile: the union of its kernel intervals over the span from
+    the first kernel's start to the last one's end, and kernels per micro-batch."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    span = end - spans[0][0] if spans else float("nan")
+    return dict(busy_fraction=busy / span, span_ms_per_micro_batch=span / 1e3 / micro_batches,
+                kernels_per_micro_batch=len(spans) / micro_batches)
+
+
+def run_recipe(config: str, skip: int, measure: int, syncs: int, extra: list[str], profile: int = 0) -> dict:
     from longnet_lightning.cli import cli_main
 
-    timer = StepTimer(skip, measure, syncs)
+    timer = StepTimer(skip, measure, syncs, profile)
     with tempfile.TemporaryDirectory() as root:
         args = ["fit", "--config", config, "--trainer.default_root_dir", root,
                 "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                 "--trainer.max_steps", "-1", "--trainer.max_epochs", "-1",
-                "--trainer.limit_train_batches", str(skip + measure + 1), "--trainer.enable_progress_bar", "true",
+                "--trainer.limit_train_batches", str(skip + measure + profile + 1), "--trainer.enable_progress_bar", "true",
                 "--checkpoint.every_n_train_steps", "1000000", "--checkpoint.save_last", "false",
                 "--model.decay_steps", "1000", "--throughput.every_n_steps", "1", *extra]
         t = time.perf_counter()
@@ -121,9 +152,12 @@ def run_recipe(config: str, skip: int, measure: int, syncs: int, extra: list[str
                          "than --skip + --measure; lower them")
     bsz, context = timer.shape
     tps = bsz * context / timer.seconds
+    if timer.prof is not None:
+        timer.profiled = gpu_busy(timer.prof, profile)
     return dict(where="recipe", config=config, extra=extra, batch=bsz, context=context,
                 micro_batch_s=timer.seconds, tokens_per_s=tps, mfu=mfu(timer.config.flops_per_token(context), tps),
-                peak_gib=timer.peak_gib, reserved_gib=timer.reserved_gib, run_s=total, syncs=dict(timer.sites), logged=timer.logged), timer.config
+                peak_gib=timer.peak_gib, reserved_gib=timer.reserved_gib, run_s=total, syncs=dict(timer.sites), logged=timer.logged,
+                profile=getattr(timer, "profiled", None), prof=timer.prof), timer.config
 
 
 def main():
@@ -133,13 +167,15 @@ def main():
     ap.add_argument("--skip", type=int, default=8, help="micro-batches before timing (compilation, warm-up)")
     ap.add_argument("--measure", type=int, default=32, help="micro-batches timed")
     ap.add_argument("--syncs", type=int, default=2, help="micro-batches whose host syncs are counted")
+    ap.add_argument("--profile", type=int, default=0, help="micro-batches profiled after the timed ones")
     ap.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="further recipe overrides (last)")
     ap.add_argument("--bare", choices=[*MODES, "none"], default="compiled",
                     help="also time train_throughput's bare step of the same model in this mode")
     ap.add_argument("--json", default="recipe_throughput.json")
     args = ap.parse_args()
     require_cuda("benchmarks.recipe_throughput")
-    rec, cfg = run_recipe(args.config, args.skip, args.measure, args.syncs, args.set)
+    rec, cfg = run_recipe(args.config, args.skip, args.measure, args.syncs, args.set, args.profile)
+    prof = rec.pop("prof")
     rows = [rec]
     if rec["logged"]:
         tps = rec["logged"]["perf/tokens_per_s"]
@@ -156,6 +192,15 @@ def main():
         json.dump(rows, f, indent=1, default=str)
     for site, count in sorted(rec["syncs"].items(), key=lambda kv: -kv[1]):
         print(f"sync x{count}: {site}")
+    if prof is not None:
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=80)
+        with open(os.path.splitext(args.json)[0] + "_profile.txt", "w") as f:
+            f.write(table)
+        print(table[:6000])
+        p = rec["profile"]
+        print(f"profiled {args.profile} micro-batches: GPU busy {100 * p['busy_fraction']:.1f}% of its span "
+              f"({p['span_ms_per_micro_batch']:.1f} ms per micro-batch), "
+              f"{p['kernels_per_micro_batch']:.0f} kernels per micro-batch")
     print("| where | s per micro-batch | tokens/s | MFU | peak GiB | reserved GiB |\n|---|---|---|---|---|---|")
     for r in rows:
         if r.get("micro_batch_s") is None:

@@ -75,3 +75,18 @@ def test_table2_verdict(longnet_sliding, control_sliding, dense2k, verdict):
     assert r["R5"][0] == (longnet_sliding < -2) and r["R3"][0] == (dense2k[0] > 0.5)
     _, got, _ = criteria(_report(changes, between=5.0), 2048, 8192, 32768)  # R4 fails: 5% apart at 2K
     assert got != "reproduced"
+
+
+def test_gpu_busy_is_the_union_of_kernel_intervals_over_their_span():
+    from types import SimpleNamespace
+
+    from benchmarks.recipe_throughput import gpu_busy
+
+    def kernel(start, end):
+        return SimpleNamespace(device_type=torch.autograd.DeviceType.CUDA, time_range=SimpleNamespace(start=start, end=end))
+
+    host = SimpleNamespace(device_type=torch.autograd.DeviceType.CPU, time_range=SimpleNamespace(start=0, end=99))
+    # overlapping (two streams), nested, a gap of 10 us; the last to start is not the last to end
+    prof = SimpleNamespace(events=lambda: [kernel(0, 10), host, kernel(5, 20), kernel(30, 40), kernel(32, 35)])
+    got = gpu_busy(prof, micro_batches=2)
+    assert got == {"busy_fraction": 30 / 40, "span_ms_per_micro_batch": 40 / 1e3 / 2, "kernels_per_micro_batch": 2.0}
