@@ -173,6 +173,9 @@ def main():
                     help="also time train_throughput's bare step of the same model in this mode")
     ap.add_argument("--json", default="recipe_throughput.json")
     args = ap.parse_args()
+    for name, least in (("skip", 0), ("measure", 1), ("syncs", 0), ("profile", 0)):
+        if getattr(args, name) < least:
+            ap.error(f"--{name} {getattr(args, name)}: must be at least {least}")
     require_cuda("benchmarks.recipe_throughput")
     rec, cfg = run_recipe(args.config, args.skip, args.measure, args.syncs, args.set, args.profile)
     prof = rec.pop("prof")
