@@ -31,17 +31,20 @@ def use(backend: str) -> tuple[str, AttentionSettings]:
     """``(backend, settings)`` for ``backend``: ``sdpa:flash`` / ``sdpa:cudnn`` pick the CUDA
     kernel behind the sdpa backend; suffixes after ``@``, joined by ``+``: ``packed`` / ``strided``
     force the plan (default: chosen by size), ``serial`` runs the merges in line
-    (``overlap=False``), e.g. ``sdpa:cudnn@strided+serial``."""
+    (``overlap=False``), ``split`` splits the first branch's backward (``split_first_backward``),
+    e.g. ``sdpa:cudnn@strided+serial``."""
     backend, _, mods = backend.partition("@")
     mods = set(mods.split("+")) - {""}
-    if mods - {"packed", "strided", "serial"}:
-        raise ValueError(f"unknown backend suffix in {backend}@{'+'.join(mods)}: use packed, strided, serial")
+    if mods - {"packed", "strided", "serial", "split"}:
+        raise ValueError(f"unknown backend suffix in {backend}@{'+'.join(mods)}: use packed, strided, serial, split")
     name, _, impl = backend.partition(":")
     kw = BASE.to_dict()
     kw["packed_max_tokens"] = 2**62 if "packed" in mods else 0 if "strided" in mods else BASE.packed_max_tokens
     kw["sdpa_cuda"] = impl or "cudnn"
     if "serial" in mods:
         kw["overlap"] = False
+    if "split" in mods:
+        kw["split_first_backward"] = True
     return name, AttentionSettings(**kw)
 
 

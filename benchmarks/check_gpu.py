@@ -8,7 +8,7 @@ It checks, in bf16 and fp32 (relative L2 error of outputs and gradients against 
 - rectangular blocks (``Lq < Lk``, offset causal mask) through every CUDA kernel: cuDNN, flash,
   memory-efficient, plain torch, and xformers where it runs;
 - ``dilated_attention`` on awkward shapes, packed and strided plans, Triton and PyTorch data
-  movement;
+  movement, and many small calls (the first branch whole, or its backward split);
 - the strided plan's merges on a second CUDA stream (``overlap``) against the same merges in line,
   within the kernels' run-to-run noise;
 - ``dilated_attention`` compiled (``torch.compile(fullgraph=True)``: the registered operator);
@@ -87,11 +87,18 @@ CASES = [  # (B, N, H, D, ws, rs, causal)
 ]
 
 
+# How check_single runs each plan: Triton or PyTorch data movement; and many small calls, where
+# the covering r = 1 branch is one call anyway (its backward too, unless split).
+VARIANTS = [("triton auto", {}), ("triton off", dict(triton="off")),
+            ("calls of 2^12 rows", dict(max_rows_per_call=2**12)),
+            ("calls of 2^12 rows, first backward split", dict(max_rows_per_call=2**12, split_first_backward=True))]
+
+
 def check_single(rows):
     for dtype in (torch.bfloat16, torch.float32):
         for plan in ("packed", "strided"):
-            for tri in ("auto", "off"):
-                settings = AttentionSettings(packed_max_tokens=2**62 if plan == "packed" else 0, triton=tri)
+            for label, variant in VARIANTS:
+                settings = AttentionSettings(packed_max_tokens=2**62 if plan == "packed" else 0, **variant)
                 worst = 0.0
                 for i, (b, n, h, d, ws, rs, causal) in enumerate(CASES):
                     if plan == "packed" and not causal:
@@ -110,7 +117,7 @@ def check_single(rows):
                     grads2 = torch.autograd.grad(out2, hm, dout.to(dtype).transpose(1, 2).contiguous().transpose(1, 2))
                     worst = max(worst, rel(out, ref), rel(out2, ref), *(rel(g, r) for g, r in zip(grads, gref)),
                                 *(rel(g, r) for g, r in zip(grads2, gref)))
-                rows.append((f"dilated {plan}, triton {tri}", str(dtype)[6:], f"{len(CASES)} shapes", f"{worst:.2e}",
+                rows.append((f"dilated {plan}, {label}", str(dtype)[6:], f"{len(CASES)} shapes", f"{worst:.2e}",
                              worst < BOUND[dtype]))
 
 

@@ -314,3 +314,40 @@ def test_covering_branch_output_and_gradients_are_used_in_place(monkeypatch, pla
     assert _max_err([out], [ref]) < TOL
     assert _max_err(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)) < TOL
     assert firsts and (True in firsts) != adopted
+
+
+@pytest.mark.parametrize("plan_name", ["packed", "strided"])
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_covering_branch_is_one_call_unless_its_backward_is_split(monkeypatch, plan_name, split, dtype):
+    """A covering r = 1 branch too large for one call of ``max_rows_per_call`` still runs as one
+    call: its output is the accumulator (nothing written "first" in the forward) and its
+    gradients are dq, dk, dv. ``split_first_backward`` splits its backward, whose gradients are
+    then copied in; so does a kernel whose gradients come in another dtype (the torch kernel's
+    float32 for bf16 inputs). The result is exact every way."""
+    from longnet_lightning.attention import dilated
+
+    firsts = {"merge": [], "accumulate": []}
+
+    def recording(real, kind, at):
+        def op(*args, **kwargs):
+            firsts[kind].append(kwargs["first"] if "first" in kwargs else args[at])
+            return real(*args, **kwargs)
+        return op
+
+    for name, kind, at in [("merge_view_", "merge", 4), ("unpack_merge_", "merge", 5),
+                           ("accumulate_view_", "accumulate", 2), ("unpack_accumulate_", "accumulate", 3)]:
+        monkeypatch.setattr(dilated, name, recording(getattr(dilated, name), kind, at))
+    ws, rs = [8, 16, 32], [1, 2, 4]
+    q, k, v = _inputs(2, 64, 4, 3, seed=5)
+    ref = dilated_attention_reference(q, k, v, DilationPattern(ws, rs))
+    x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    s = plan(plan_name, max_rows_per_call=40, split_first_backward=split)  # r = 1 alone is 512 rows x heads
+    out = dilated_attention(*x, ws, rs, backend="torch", settings=s)
+    dout = torch.randn_like(ref)
+    tol = TOL if dtype == torch.float64 else 5e-2
+    assert _max_err([out], [ref]) < tol
+    assert _max_err(torch.autograd.grad(out, x, dout.to(dtype)), torch.autograd.grad(ref, (q, k, v), dout)) < tol
+    assert firsts["merge"] and True not in firsts["merge"]
+    copied = split or dtype == torch.bfloat16
+    assert firsts["accumulate"] and (True in firsts["accumulate"]) == copied

@@ -5,8 +5,10 @@ and head offset, whose results are merged by their softmax denominators (paper E
 into an accumulator: ``out += (out_i - out) * exp(lse_i - lse')``, ``lse' = logaddexp(lse, lse_i)``
 (:mod:`.fused` moves the rows).
 
-A first ``r = 1`` branch that is one plain view of the input is read in place, and its kernel's
-output *is* the accumulator (its gradients are dq, dk, dv): nothing is copied into fresh buffers.
+A first ``r = 1`` branch that is one plain view of the input is read in place, as one call in
+each direction: its kernel's output *is* the accumulator and its gradients are dq, dk, dv, so
+nothing is copied into fresh buffers (``AttentionSettings.split_first_backward`` trades that for
+memory in the backward).
 In the strided plan the merges run on a second CUDA stream beside the next kernel call
 (:class:`.fused.Overlap`).
 
@@ -126,8 +128,7 @@ class _Run:
         Rows that no branch selects keep output 0 and ``lse = -inf``. A first branch that is one
         plain view runs as one call whose output becomes the accumulator."""
         blocks, first_covers = strided_plan(self.pattern, *q.shape[:3], self.settings.max_rows_per_call)
-        # unsplit only when its output can be the accumulator (the kernels return q's dtype)
-        lead = lead_block(self.pattern, *q.shape[:3]) if self.out_dtype(q.dtype) == q.dtype else None
+        lead = None if self.split_first(q, backward=False) else lead_block(self.pattern, *q.shape[:3])
         acc = None
         if lead is not None:
             o, lo = self.block_forward(q, k, v, lead)
@@ -143,18 +144,27 @@ class _Run:
         self.blocks_forward(q, k, v, out, lse, blocks, first_covers)
         return out.to(q.dtype), lse
 
+    def split_first(self, q, backward: bool) -> bool:
+        """Whether a covering first branch is cut into calls of ``max_rows_per_call`` like the
+        others, instead of running as one call whose results are the accumulator (forward) or
+        dq, dk, dv (backward): only when the kernel returns them in another dtype (they would be
+        copied whole), or, backward, when ``settings.split_first_backward`` asks for it."""
+        if backward:
+            return self.settings.split_first_backward or self.kernel.grad_dtype(q.dtype) != q.dtype
+        return self.out_dtype(q.dtype) != q.dtype
+
     def strided_backward(self, dout, q, k, v, out, lse):
         """Gradients w.r.t. ``q, k, v``, accumulated in the inputs' dtype in the returned tensors:
         the first call's own when it is the whole covering branch (:func:`_adopt_grads`)."""
         blocks, first_covers = strided_plan(self.pattern, *q.shape[:3], self.settings.max_rows_per_call)
         lead = lead_block(self.pattern, *q.shape[:3])
-        if blocks and blocks[0][1] == lead:
+        if lead is not None and blocks and (blocks[0][1] == lead or not self.split_first(q, backward=True)):
             g = self.block_backward(dout, q, k, v, out, lse, lead)
             grads = _adopt_grads(g, (q, k, v))
             if grads is None:
                 grads = _grad_buffers(q, k, v, zero=False)
                 accumulate_view_([block_view(buf, lead) for buf in grads], g, first=True, triton=self.triton)
-            blocks = blocks[1:]
+            blocks = [(i, blk) for i, blk in blocks if i != 0]  # the lead is all of branch 0
         else:
             grads = _grad_buffers(q, k, v, zero=not first_covers)
         self.blocks_backward(dout, q, k, v, out, lse, grads, blocks, first_covers)
@@ -162,8 +172,9 @@ class _Run:
 
     # packed plan -------------------------------------------------------------------------------
 
-    def _calls(self, q):
-        return packed_plan(self.pattern, *q.shape[:3], self.settings.packed_fold, self.settings.max_rows_per_call)
+    def _calls(self, q, backward: bool):
+        return packed_plan(self.pattern, *q.shape[:3], self.settings.packed_fold, self.settings.max_rows_per_call,
+                           self.split_first(q, backward))
 
     def _gather(self, call, xs, lse=None):
         """Kernel inputs ``[S, L, H, *]`` of one packed call (and its LSE ``[S, H, L]``): views of
@@ -185,7 +196,7 @@ class _Run:
     def packed_forward(self, q, k, v):
         """Causal dilated attention, packed plan: same results as :meth:`strided_forward`. A
         first call that is the whole covering branch, in place, gives the accumulator."""
-        calls = self._calls(q)
+        calls = self._calls(q, backward=False)
         lead = calls[0] if _whole_view(calls[0]) else None
         if lead is not None:
             calls = calls[1:]
@@ -204,7 +215,7 @@ class _Run:
     def packed_backward(self, dout, q, k, v, out, lse):
         """Gradients for :meth:`packed_forward`; padding slots get ``dout = 0`` and ``lse = +inf``,
         so they receive and send exactly zero gradient. Accumulated in the inputs' dtype."""
-        calls = self._calls(q)
+        calls = self._calls(q, backward=True)
         lead = calls[0] if _whole_view(calls[0]) else None
         if lead is not None:
             calls = calls[1:]

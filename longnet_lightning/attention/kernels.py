@@ -5,7 +5,7 @@ views; unit stride on D) and computes, independently per batch entry and head, s
 of the queries over the keys:
 
 * ``forward(q, k, v, causal, scale) -> (out [Bt, Lq, G, D], lse [Bt, G, Lq])``
-* ``backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)``
+* ``backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)``, in ``grad_dtype(q.dtype)``
 
 A causal block may be rectangular (``Lq <= Lk``): the queries are then the *last* ``Lq`` of the
 ``Lk`` key positions, so query ``i`` sees keys ``0 .. Lk - Lq + i`` (an offset lower-triangular
@@ -48,6 +48,11 @@ class TorchKernel:
 
     def supports(self, q: torch.Tensor) -> str | None:
         return None
+
+    @staticmethod
+    def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+        """Its gradients come in float32 (float64 for float64 inputs): accumulated, not rounded."""
+        return _lse_dtype(dtype)
 
     def _chunks(self, bt: int, g: int, length: int, keys: int):
         """Yield ``(batch slice, query slice)`` so that one chunk's scores fit the budget."""
@@ -120,6 +125,10 @@ class SDPAKernel:
 
     name = "sdpa"
     rectangular_causal = False
+
+    @staticmethod
+    def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+        return dtype
 
     def __init__(self, settings: AttentionSettings | None = None):
         self.cuda_impl = (settings or AttentionSettings()).sdpa_cuda
@@ -251,6 +260,10 @@ class XFormersKernel:
 
     name = "xformers"
     rectangular_causal = False
+
+    @staticmethod
+    def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+        return dtype
 
     def __init__(self, settings: AttentionSettings | None = None):
         self.force = (settings or AttentionSettings()).xformers_force

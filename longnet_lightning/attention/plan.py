@@ -206,19 +206,22 @@ def use_packed(q: torch.Tensor, causal: bool, settings: AttentionSettings, trito
 
 @functools.lru_cache(maxsize=64)
 def packed_plan(pattern: DilationPattern, bsz: int, n: int, h: int, fold: bool = True,
-                max_rows: int = MAX_ROWS_PER_CALL) -> tuple[tuple[tuple[bool, Chunk], ...], ...]:
+                max_rows: int = MAX_ROWS_PER_CALL,
+                split_first: bool = True) -> tuple[tuple[tuple[bool, Chunk], ...], ...]:
     """Kernel calls of the packed plan, in merge order: each a tuple of ``(first, chunk)``.
 
     ``first`` marks chunks of the first branch when it covers every row (``r = 1``): they are
     written, not merged, so they come first. A chunk that is a plain view (``r = 1``, whole
-    segments) is a call of its own, read in place. With ``fold``, other chunks that are whole
-    branches join an earlier call of the same packed length (their segments stacked along the
-    batch: the paper pattern at 32K takes 3 calls instead of 5).
+    segments) is a call of its own, read in place; unless ``split_first``, such a first branch
+    is one chunk whatever ``max_rows``. With ``fold``, other chunks that are whole branches join
+    an earlier call of the same packed length (their segments stacked along the batch: the paper
+    pattern at 32K takes 3 calls instead of 5).
     """
     covered = 1 in pattern.dilation_rates
     calls, by_length = [], {}
     for i, (w, r) in enumerate(branch_order(pattern)):
-        for c in chunks(bsz, n, h, w, r, max_rows):
+        whole = i == 0 and covered and not split_first and Chunk(bsz, n, h, w, r, 0, 1).is_view
+        for c in chunks(bsz, n, h, w, r, 2**62 if whole else max_rows):
             item = (i == 0 and covered, c)
             whole = c.s0 == 0 and c.s1 == bsz * c.nseg
             if c.is_view:  # its own call: nothing to gather (a folded call would copy it)

@@ -36,10 +36,17 @@ class AttentionSettings:
         xformers_force: use xformers' PyTorch-backed operators even when its C++ extension was
             built for another torch (at your own risk).
         max_rows_per_call: rows x heads per kernel call; bounds the transient per-call outputs
-            (64 MiB per bf16 tensor at head dim 64) whatever N is.
+            (64 MiB per bf16 tensor at head dim 64) whatever N is. A covering ``r = 1`` branch
+            whose results are the output buffer and the gradients is one call whatever its size.
         overlap: strided plan on CUDA: merge each kernel call's results (and sum its gradients)
             on a second stream while the next call's kernel runs (the kernels are compute-bound,
             the merges memory-bound). Same operations in the same order either way.
+        split_first_backward: split the backward of a covering ``r = 1`` branch into calls of
+            ``max_rows_per_call``, each call's gradients copied into dq, dk, dv. By default that
+            branch runs as one call whose gradients *are* dq, dk, dv (nothing copied),
+            while cuDNN holds a float32 dq of the whole input (a quarter of q, k, v, out, dout,
+            dq, dk, dv together). Splitting saves that memory (at 1M tokens, 12.8 instead of
+            15.2 GiB) and costs time (about 5% of the attention's forward+backward there).
     """
 
     packed_max_tokens: int = 2**17
@@ -51,6 +58,7 @@ class AttentionSettings:
     xformers_force: bool = False
     max_rows_per_call: int = 2**19
     overlap: bool = True
+    split_first_backward: bool = False
 
     def __post_init__(self):
         choices = {"forward_acc": ("input", "float32"), "triton": ("auto", "off", "interpret"),
@@ -64,7 +72,7 @@ class AttentionSettings:
                 raise ValueError(f"attention setting {name}={v!r}: use a non-negative integer"
                                  if name == "packed_max_tokens" else
                                  f"attention setting {name}={v!r}: use a positive integer")
-        for name in ("packed_fold", "xformers_force", "overlap"):
+        for name in ("packed_fold", "xformers_force", "overlap", "split_first_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"attention setting {name}={getattr(self, name)!r}: use true or false")
 
