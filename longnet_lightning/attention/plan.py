@@ -220,8 +220,8 @@ def packed_plan(pattern: DilationPattern, bsz: int, n: int, h: int, fold: bool =
     covered = 1 in pattern.dilation_rates
     calls, by_length = [], {}
     for i, (w, r) in enumerate(branch_order(pattern)):
-        whole = i == 0 and covered and not split_first and Chunk(bsz, n, h, w, r, 0, 1).is_view
-        for c in chunks(bsz, n, h, w, r, 2**62 if whole else max_rows):
+        one_call = i == 0 and covered and not split_first and Chunk(bsz, n, h, w, r, 0, 1).is_view
+        for c in chunks(bsz, n, h, w, r, 2**62 if one_call else max_rows):
             item = (i == 0 and covered, c)
             whole = c.s0 == 0 and c.s1 == bsz * c.nseg
             if c.is_view:  # its own call: nothing to gather (a folded call would copy it)
