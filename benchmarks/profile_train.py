@@ -1,7 +1,12 @@
 """Where one training step of the LongNet model goes (torch.profiler, CUDA time), and whether
 the GPU waits on the CPU (launch-bound) or the CPU on the GPU.
 
-    python -m benchmarks.profile_train --model 125M --context 32768
+    python -m benchmarks.profile_train --model 125M --context 32768 --compile
+
+Prints the step's wall and host-enqueue time, how busy the GPU was over the profiled steps (the
+union of kernel intervals over their span), the GPU time per step by kind of kernel
+(``benchmarks.common.KERNEL_KINDS``: attention kernels, our data movement around them, GEMMs,
+...), then the profiler's table of the most expensive operators and kernels.
 """
 import argparse
 
@@ -10,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from longnet_lightning.model import LongNet, LongNetConfig
 
-from .common import bench_ms, require_cuda
+from .common import bench_ms, gpu_busy, kernel_time_by_kind, require_cuda
 
 
 def main():
@@ -21,8 +26,11 @@ def main():
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--attention", default="dilated")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=3, help="steps profiled (after 3 untimed and 1 timed)")
     ap.add_argument("--compile", action="store_true", help="torch.compile(model.loss), as LongNetLM(compile=True)")
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: profile at least 1 step")
     require_cuda("benchmarks.profile_train")
 
     cfg = LongNetConfig.from_name(args.model, vocab_size=args.vocab, attention=args.attention)
@@ -41,14 +49,21 @@ def main():
 
     wall_ms, host_ms = bench_ms(step, reps=1, warmup=3, host=True)  # host: time to enqueue everything
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
+        for _ in range(args.steps):
+            step()
         torch.cuda.synchronize()
-    events = prof.key_averages()
-    gpu_busy = sum(e.device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
-    launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    print(f"\n=== {args.model} {args.attention} context {args.context}{' compiled' if args.compile else ''}: step wall {wall_ms:.1f} ms, "
-          f"host enqueue {host_ms:.1f} ms, GPU kernels {gpu_busy:.1f} ms in {launches} launches")
-    print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    busy = gpu_busy(prof, args.steps)
+    kinds = kernel_time_by_kind(prof, args.steps)
+    print(f"\n=== {args.model} {args.attention} context {args.context}{' compiled' if args.compile else ''}: "
+          f"step wall {wall_ms:.1f} ms, host enqueue {host_ms:.1f} ms; profiled {args.steps} steps: "
+          f"{busy['span_ms_per_micro_batch']:.1f} ms per step from first to last kernel, GPU busy "
+          f"{100 * busy['busy_fraction']:.1f}% of it, {sum(ms for _, ms, _ in kinds):.1f} ms of kernels in "
+          f"{busy['kernels_per_micro_batch']:.0f} launches per step\n")
+    print("| kernels | GPU ms per step | launches per step |\n|---|---|---|")
+    for kind, ms, n in kinds:
+        print(f"| {kind} | {ms:.2f} | {n:.0f} |")
+    print(f"\nTotals over the {args.steps} profiled steps:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

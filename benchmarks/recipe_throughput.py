@@ -37,7 +37,7 @@ import warnings
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .common import require_cuda
+from .common import gpu_busy, require_cuda
 from .train_throughput import MODES, mfu, run_config
 
 
@@ -116,21 +116,6 @@ class StepTimer(Callback):
     def _stop_sync_log(self):
         torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning = self._show
-
-
-def gpu_busy(prof, micro_batches: int) -> dict:
-    """How busy the GPU was in a profile: the union of its kernel intervals over the span from
-    the first kernel's start to the last one's end, and kernels per micro-batch."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
-    span = end - spans[0][0] if spans else float("nan")
-    return dict(busy_fraction=busy / span, span_ms_per_micro_batch=span / 1e3 / micro_batches,
-                kernels_per_micro_batch=len(spans) / micro_batches)
 
 
 def run_recipe(config: str, skip: int, measure: int, syncs: int, extra: list[str], profile: int = 0) -> dict:

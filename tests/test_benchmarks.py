@@ -77,16 +77,40 @@ def test_table2_verdict(longnet_sliding, control_sliding, dense2k, verdict):
     assert got != "reproduced"
 
 
+def _kernel(start, end, name="k", annotation=False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device_type=torch.autograd.DeviceType.CUDA, name=name, is_user_annotation=annotation,
+                           time_range=SimpleNamespace(start=start, end=end))
+
+
 def test_gpu_busy_is_the_union_of_kernel_intervals_over_their_span():
     from types import SimpleNamespace
 
-    from benchmarks.recipe_throughput import gpu_busy
+    from benchmarks.common import gpu_busy
 
-    def kernel(start, end):
-        return SimpleNamespace(device_type=torch.autograd.DeviceType.CUDA, time_range=SimpleNamespace(start=start, end=end))
+    kernel = _kernel
 
     host = SimpleNamespace(device_type=torch.autograd.DeviceType.CPU, time_range=SimpleNamespace(start=0, end=99))
     # overlapping (two streams), nested, a gap of 10 us; the last to start is not the last to end
-    prof = SimpleNamespace(events=lambda: [kernel(0, 10), host, kernel(5, 20), kernel(30, 40), kernel(32, 35)])
+    # a record_function range on the GPU's timeline spans the gap and is not a kernel
+    prof = SimpleNamespace(events=lambda: [kernel(0, 10), host, kernel(5, 20), kernel(30, 40), kernel(32, 35),
+                                           kernel(0, 45, "Optimizer.step#AdamW.step", annotation=True)])
     got = gpu_busy(prof, micro_batches=2)
     assert got == {"busy_fraction": 30 / 40, "span_ms_per_micro_batch": 40 / 1e3 / 2, "kernels_per_micro_batch": 2.0}
+
+
+def test_kernel_time_is_grouped_by_kind_per_step():
+    from types import SimpleNamespace
+
+    from benchmarks.common import kernel_kind, kernel_time_by_kind
+
+    names = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16": "attention: kernels (cuDNN, flash, xformers)",
+             "_pack_kernel": "attention: data movement (ours)", "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN": "GEMMs (cuBLAS)",
+             "_gln_backward_kernel": "GELU + sub-LN (ours)", "triton_per_fused_native_layer_norm_6": "Inductor's fused kernels",
+             "void at::native::multi_tensor_apply_kernel<...>": "optimizer", "Memset (Device)": "copies and fills",
+             "void at::native::reduce_kernel<128, 4>": "other"}
+    assert {n: kernel_kind(n) for n in names} == names
+    prof = SimpleNamespace(events=lambda: [_kernel(0, 3000, "_pack_kernel"), _kernel(0, 1000, "nvjet_x"),
+                                           _kernel(5000, 6000, "_pack_kernel"), _kernel(0, 9000, "Step", annotation=True)])
+    assert kernel_time_by_kind(prof, steps=2) == [("attention: data movement (ours)", 2.0, 1.0), ("GEMMs (cuBLAS)", 0.5, 0.5)]
