@@ -53,7 +53,6 @@ def wall_s(fn) -> float:
     return time.perf_counter() - t0
 
 
-
 # How a profile's kernels are grouped by what they do, from the names the profiler reports (the
 # first kind whose any substring is in the lower-cased name wins; the rest is "other").
 KERNEL_KINDS = (
