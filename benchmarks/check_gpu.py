@@ -195,26 +195,30 @@ def check_loss(rows):
 
 
 def check_gelu_norm(rows):
-    """The fused GELU + sub-LN (Triton forward and backward) against float64 on the same inputs."""
+    """The fused GELU + sub-LN (Triton forward and backward), with and without fc1's bias folded in,
+    against float64 on the same inputs."""
     import torch.nn.functional as F
 
     from longnet_lightning.gelu_norm import gelu_layer_norm
 
     for dtype in (torch.bfloat16, torch.float32):
         worst = 0.0
-        for m, f in [(32768, 3072), (1000, 3072), (777, 1000), (3, 5), (4096, 4096)]:
+        for i, (m, f) in enumerate([(32768, 3072), (1000, 3072), (777, 1000), (3, 5), (4096, 4096)]):
             h = (_rand((m, f), torch.float64, m + f) * 2).to(dtype)
             w, b = 1 + 0.3 * _rand((f,), torch.float64, f), 0.3 * _rand((f,), torch.float64, f + 1)
+            ib = 0.3 * _rand((f,), torch.float64, f + 2) if i % 2 == 0 else None
             dy = _rand((m, f), torch.float64, m).to(dtype)
-            ref_in = [t.double().requires_grad_() for t in (h, w, b)]
-            ref = F.layer_norm(F.gelu(ref_in[0]), (f,), ref_in[1], ref_in[2], 1e-5)
+            ref_in = [t.double().requires_grad_() for t in (h, w, b) + (() if ib is None else (ib,))]
+            x = ref_in[0] if ib is None else ref_in[0] + ref_in[3]
+            ref = F.layer_norm(F.gelu(x), (f,), ref_in[1], ref_in[2], 1e-5)
             gref = torch.autograd.grad(ref, ref_in, dy.double())
-            ins = [h.requires_grad_(), w.float().requires_grad_(), b.float().requires_grad_()]
-            y = gelu_layer_norm(*ins)
+            ins = [h.requires_grad_()] + [t.detach().float().requires_grad_() for t in ref_in[1:]]
+            y = gelu_layer_norm(*ins[:3], in_bias=ins[3] if ib is not None else None)
             grads = torch.autograd.grad(y, ins, dy)
             worst = max(worst, rel(y, ref), *(rel(a, c) for a, c in zip(grads, gref)))
         ok = worst < BOUND[dtype] and FALLBACKS.triton is None
-        rows.append(("fused GELU + sub-LN (fwd, dh, dw, db)", str(dtype)[6:], "5 shapes", f"{worst:.2e}", ok))
+        rows.append(("fused GELU + sub-LN (fwd, dh, dw, db, d fc1 bias)", str(dtype)[6:], "5 shapes",
+                     f"{worst:.2e}", ok))
 
 
 def _on_ranks(fn, world: int, *args):

@@ -5,7 +5,9 @@ replaced (``F.gelu`` then ``F.layer_norm`` in bf16, as the model ran it), compil
 
 Per variant: forward and forward+backward per call (CUDA-event medians of 10 calls queued back
 to back, as a model queues them), and the forward+backward's
-effective bandwidth (the minimum traffic: read h; write y; read h and dy; write dh).
+effective bandwidth (the minimum traffic: read h; write y; read h and dy; write dh). Two more rows
+time fc1's bias gradient: summed over ``dh`` by a pass of its own (as when fc1 adds its bias), or
+in the operator's backward (``in_bias``, as the model runs it).
 ``--sweep``: also time the fused operator under other launch shapes (``gelu_norm.Launch``: rows
 per program and warps of the forward; rows per step, warps and programs per SM of the backward;
 each with a row of 3 x 2^k columns as three unpadded chunks or one padded one).
@@ -26,6 +28,28 @@ from .common import bench_ms, require_cuda
 
 def _composition(h, w, b):
     return F.layer_norm(F.gelu(h), (h.shape[-1],), w.to(h.dtype), b.to(h.dtype), 1e-5)
+
+
+class _SumOfGradient(torch.autograd.Function):
+    """Identity whose backward also sums the gradient over rows: fc1's bias gradient as autograd
+    computes it when fc1 adds its own bias (one more pass over ``dh``)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        g.sum(0)
+        return g
+
+
+def _fc1_bias_apart(h, w, b):
+    return gelu_layer_norm(_SumOfGradient.apply(h), w, b)
+
+
+def _fc1_bias_in(in_bias):
+    return lambda h, w, b: gelu_layer_norm(h, w, b, in_bias=in_bias)
 
 
 def _time(fn, h, w, b, dy, reps, calls=10):
@@ -70,7 +94,9 @@ def main():
         w = (1 + 0.1 * torch.randn(f, device="cuda")).requires_grad_()
         b = (0.1 * torch.randn(f, device="cuda")).requires_grad_()
         dy = torch.randn_like(h)
-        for name, fn in variants.items():
+        in_bias = (0.1 * torch.randn(f, device="cuda")).requires_grad_()
+        for name, fn in {**variants, "fused, fc1 bias gradient summed apart": _fc1_bias_apart,
+                         "fused, fc1 bias in the operator": _fc1_bias_in(in_bias)}.items():
             if isinstance(fn, dict):
                 gelu_norm.LAUNCH, fn = dataclasses.replace(default, **fn), gelu_layer_norm
             try:

@@ -145,12 +145,11 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):  # [B, N, E] -> [B, N, E]
-        h = self.fc1(x)  # [B, N, F]
         n = self.inner_norm
         if n is None:
-            h = F.gelu(h)
-        else:  # GELU and sub-LN in one pass each way (gelu_norm.py); same parameters as the module
-            h = gelu_layer_norm(h, n.weight, n.bias, n.eps)
+            h = F.gelu(self.fc1(x))  # [B, N, F]
+        else:  # fc1's bias, GELU and sub-LN in one pass each way (gelu_norm.py); same parameters as the modules
+            h = gelu_layer_norm(F.linear(x, self.fc1.weight), n.weight, n.bias, n.eps, in_bias=self.fc1.bias)
         return self.dropout(self.fc2(h))
 
 

@@ -42,11 +42,18 @@ def test_pytorch_path_is_gelu_then_layer_norm_with_exact_gradients():
     h, w, b = (t.requires_grad_() for t in _inputs(5, 12))
     assert torch.allclose(gelu_layer_norm(h, w, b, use_triton=False), _reference(h, w, b), atol=1e-12)
     assert torch.autograd.gradcheck(lambda *a: gelu_layer_norm(*a, use_triton=False), (h, w, b))
+    ib = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    got = gelu_layer_norm(h, w, b, use_triton=False, in_bias=ib)
+    assert torch.allclose(got, _reference(h + ib, w, b), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda h, w, b, ib: gelu_layer_norm(h, w, b, use_triton=False, in_bias=ib),
+                                    (h, w, b, ib))
 
 
-def test_operator_registration():
-    h, w, b = _inputs(6, 10, torch.float32)
-    torch.library.opcheck(gelu_norm._gln_op, (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, False))
+@pytest.mark.parametrize("with_in_bias", [False, True])
+def test_operator_registration(with_in_bias):
+    h, w, b = (t.requires_grad_() for t in _inputs(6, 10, torch.float32))
+    ib = torch.randn(10, requires_grad=True) if with_in_bias else None
+    torch.library.opcheck(gelu_norm._gln_op, (h, w, b, ib, 1e-5, False))
 
 
 def test_any_leading_shape_and_strided_rows():
@@ -60,20 +67,26 @@ def test_any_leading_shape_and_strided_rows():
 
 def test_bad_shapes_name_the_mismatch():
     h, w, b = _inputs(4, 8)
-    with pytest.raises(ValueError, match=r"weight \(7,\) and bias \(8,\) must be \[8\]"):
+    with pytest.raises(ValueError, match=r"weight \(7,\) must be \[8\] for h \(4, 8\)"):
         gelu_layer_norm(h, w[:7], b)
+    with pytest.raises(ValueError, match=r"in_bias \(9,\) must be \[8\]"):
+        gelu_layer_norm(h, w, b, in_bias=torch.zeros(9, dtype=h.dtype))
 
 
-def _kernels_and_float64(m, f, seed, scale=3.0):
-    """``(y, y64, (dh, dw, db), their float64 reference)``: the Triton path in float32 and float64
-    autograd of the composition on the same inputs and output gradient."""
-    h64, w64, b64 = (t.requires_grad_() for t in _inputs(m, f, seed=seed, scale=scale))
-    y64 = _reference(h64, w64, b64)
-    dy = torch.randn(m, f, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
-    ref = torch.autograd.grad(y64, (h64, w64, b64), dy)
-    h, w, b = (t.detach().float().requires_grad_() for t in (h64, w64, b64))
-    y = gelu_layer_norm(h, w, b, use_triton=True)
-    return y, y64, torch.autograd.grad(y, (h, w, b), dy.float()), ref
+def _kernels_and_float64(m, f, seed, scale=3.0, in_bias=False):
+    """``(y, y64, (dh, dw, db[, d in_bias]), their float64 reference)``: the Triton path in float32
+    and float64 autograd of the composition on the same inputs and output gradient."""
+    g = torch.Generator().manual_seed(seed + 1)
+    ins64 = list(_inputs(m, f, seed=seed, scale=scale)) + ([torch.randn(f, dtype=torch.float64, generator=g)]
+                                                           if in_bias else [])
+    ins64 = [t.requires_grad_() for t in ins64]
+    h64, w64, b64 = ins64[:3]
+    y64 = _reference(h64 + ins64[3] if in_bias else h64, w64, b64)
+    dy = torch.randn(m, f, dtype=torch.float64, generator=g)
+    ref = torch.autograd.grad(y64, ins64, dy)
+    ins = [t.detach().float().requires_grad_() for t in ins64]
+    y = gelu_layer_norm(*ins[:3], use_triton=True, in_bias=ins[3] if in_bias else None)
+    return y, y64, torch.autograd.grad(y, ins, dy.float()), ref
 
 
 @pytest.fixture
@@ -95,19 +108,20 @@ def triton_only(monkeypatch):
                                                                   HealthCheck.function_scoped_fixture])
 @given(m=st.integers(1, 40), f=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
        scale=st.sampled_from([0.1, 1.0, 4.0]), fwd_rows=st.sampled_from([1, 2, 4]),
-       bwd_rows=st.sampled_from([1, 2, 4]), per_sm=st.sampled_from([1, 2]), three=st.booleans())
+       bwd_rows=st.sampled_from([1, 2, 4]), per_sm=st.sampled_from([1, 2]), three=st.booleans(),
+       in_bias=st.booleans())
 def test_triton_kernels_match_float64(triton_only, monkeypatch, m, f, seed, scale, fwd_rows, bwd_rows, per_sm,
-                                      three):
+                                      three, in_bias):
     """Forward and all three gradients of the kernels (float32) against float64 autograd, on any
     row length (powers of two or not, 1 included), row count (fewer rows than programs too) and
     launch shape (rows per program, programs of the backward)."""
     monkeypatch.setattr(gelu_norm, "LAUNCH", gelu_norm.Launch(fwd_rows=fwd_rows, bwd_rows=bwd_rows,
                                                                bwd_programs_per_sm=per_sm, fwd_three=three,
                                                                bwd_three=not three))
-    y, y64, got, ref = _kernels_and_float64(m, f, seed, scale)
+    y, y64, got, ref = _kernels_and_float64(m, f, seed, scale, in_bias)
     tol = 2e-5 if f > 1 else 1e-3  # one column: the output is the bias, and its dh is ~0 (cancellation)
     assert _rel(y, y64) < tol
-    for name, g, r in zip(("dh", "dweight", "dbias"), got, ref):
+    for name, g, r in zip(("dh", "dweight", "dbias", "d in_bias"), got, ref):
         if r.norm() > 1e-6:
             assert _rel(g, r) < tol * 10, name
         else:
@@ -128,9 +142,9 @@ def test_triton_kernels_match_float64_on_model_widths(triton_only, monkeypatch, 
     """The widths a model uses (3072 = 4 x 768: three chunks), one with a ragged last chunk, and
     one that stays a single padded chunk; both passes in either layout."""
     monkeypatch.setattr(gelu_norm, "LAUNCH", gelu_norm.Launch(fwd_three=three, bwd_three=three))
-    y, y64, got, ref = _kernels_and_float64(m, f, seed=f)
+    y, y64, got, ref = _kernels_and_float64(m, f, seed=f, in_bias=three)
     assert _rel(y, y64) < 2e-6
-    for name, g, r in zip(("dh", "dweight", "dbias"), got, ref):
+    for name, g, r in zip(("dh", "dweight", "dbias", "d in_bias"), got, ref):
         assert _rel(g, r) < 2e-6, name
 
 
@@ -139,12 +153,14 @@ def test_feed_forward_uses_the_fused_operator_and_matches_the_composition():
     ffn = FeedForward(cfg).double()
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     n = ffn.inner_norm
+    with torch.no_grad():
+        ffn.fc1.bias.normal_()  # fc1's bias goes into the operator: its gradient comes out of it
     expected = ffn.fc2(F.layer_norm(F.gelu(ffn.fc1(x)), (24,), n.weight, n.bias, n.eps))
     got = ffn(x)
     assert torch.allclose(got, expected, atol=1e-12)
-    gx, gw = torch.autograd.grad(got.sum(), (x, n.weight))
-    ex, ew = torch.autograd.grad(expected.sum(), (x, n.weight))
-    assert torch.allclose(gx, ex, atol=1e-10) and torch.allclose(gw, ew, atol=1e-10)
+    wrt = (x, n.weight, n.bias, ffn.fc1.weight, ffn.fc1.bias)
+    for g, e in zip(torch.autograd.grad(got.sum(), wrt), torch.autograd.grad(expected.sum(), wrt)):
+        assert torch.allclose(g, e, atol=1e-10)
     calls = []
     original = gelu_norm._gln_op
     try:
